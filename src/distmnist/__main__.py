@@ -1,0 +1,5 @@
+import sys
+
+from distmnist.cli import main
+
+sys.exit(main())

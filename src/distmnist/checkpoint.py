@@ -1,0 +1,136 @@
+"""Checkpoints: atomic writes, validated reads, newest-good-first resume.
+
+A checkpoint is one ``torch.save`` file written to a temporary name in the same folder, fsynced, then renamed:
+a reader sees the old file or the new one, never half of one. Raw DDP writes through :func:`save_state`,
+Fabric and the Lightning Trainer through :func:`checkpoint_io` (their ``CheckpointIO`` plugin), so all
+three strategies share the one writer and the one reader.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from distmnist.errors import DistMnistError
+
+FORMAT = "distmnist-checkpoint/1"
+SUFFIX = ".ckpt"
+NAME = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file; DistMnistError (one line) if it is truncated, garbage or not a checkpoint."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - zip errors, unpickling errors, EOF...
+        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise DistMnistError(f"checkpoint {path} is damaged or not a checkpoint ({first})") from None
+    if not isinstance(obj, dict):
+        raise DistMnistError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def step_path(ckpt_dir: Path, global_step: int) -> Path:
+    return Path(ckpt_dir) / f"step={global_step:08d}{SUFFIX}"
+
+
+def listing(ckpt_dir: str | Path) -> list[Path]:
+    """Checkpoint files, newest (highest global step) first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune(ckpt_dir: str | Path, keep: int) -> None:
+    for old in listing(ckpt_dir)[keep:]:
+        try:
+            old.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def newest_good(ckpt_dir: str | Path, check) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads and passes `check(obj, path)`; damaged ones are reported and skipped.
+
+    `check` raises DistMnistError for a checkpoint that must not be used at all (other model, other config):
+    that is not skipped but stops the run, since an older file of the same run dir would be just as foreign.
+    """
+    for path in listing(ckpt_dir):
+        try:
+            obj = read(path)
+        except DistMnistError as err:
+            print(f"distmnist: warning: {err}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            continue
+        check(obj, path)
+        return path, obj
+    return None
+
+
+def _state_of(obj: Any) -> Any:
+    return obj.state_dict() if hasattr(obj, "state_dict") and callable(obj.state_dict) else obj
+
+
+def save_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Like ``fabric.save``: modules, optimizers and scalers in `state` are stored as their state_dicts."""
+    atomic_torch_save({k: _state_of(v) for k, v in state.items()}, path)
+
+
+def load_state(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """Like ``fabric.load``: restore the stateful objects of `state` in place, return the other entries."""
+    for key, target in state.items():
+        if hasattr(target, "load_state_dict") and key in obj:
+            target.load_state_dict(obj[key])
+    return {k: v for k, v in obj.items() if k not in state}
+
+
+def checkpoint_io():
+    """Fabric's / Lightning's CheckpointIO plugin with the atomic writer and the validated reader above."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # lightning only where it is used
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+            atomic_torch_save(checkpoint, path)
+
+        def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+            return read(path)
+
+    return AtomicCheckpointIO()

@@ -1,0 +1,345 @@
+"""One config schema for every strategy: YAML file + ``section.key=value`` overrides.
+
+    cfg = load_config("configs/fashion.yaml", ["optim.lr=0.1", "model.hidden=[256,256]"])
+
+Values on the command line are parsed as YAML scalars/lists, then checked against the schema: an
+unknown key, a wrong type or an impossible value raises :class:`DistMnistError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmnist.errors import DistMnistError
+
+DATASETS = ("mnist", "fashion-mnist", "synthetic")
+LOADERS = ("resident", "dataloader")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+ACCELERATORS = ("auto", "cpu", "cuda")
+STRATEGIES = ("ddp", "trainer", "fabric")
+
+# The folder of shipped configs when running from a checkout (editable install); `-c fashion` finds it.
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    root: str = "data"
+    batch_size: int = 64  # per process; global batch = batch_size * world_size
+    eval_batch_size: int = 1000
+    loader: str = "resident"  # resident: whole split as one tensor on the device; dataloader: classic
+    num_workers: int = 2  # only for loader=dataloader
+    train_samples: int | None = None  # synthetic: size of the set; real data: use the first N
+    test_samples: int | None = None
+    download: bool = True  # torchvision download when the files are missing (rank 0 only)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # constant | cosine (per step, to 0 at the end of train.epochs)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    log_every_n_steps: int = 50
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at the end of each epoch
+    keep: int = 2
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the job after this
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # default: runs/<strategy>
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self, strategy: str) -> Path:
+        return Path(self.run.dir if self.run.dir is not None else f"runs/{strategy}")
+
+
+# Keys that decide the training trajectory: resuming a run dir with other values would not continue the same
+# run, so it is refused. (train.epochs may grow, which continues training -- unless a schedule depends on it.)
+TRAJECTORY_KEYS = (
+    "seed",
+    "data.name",
+    "data.batch_size",
+    "data.train_samples",
+    "model.hidden",
+    "optim.name",
+    "optim.lr",
+    "optim.momentum",
+    "optim.weight_decay",
+    "optim.schedule",
+    "train.precision",
+)
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A config file as given, or a shipped config by name (`fashion` -> configs/fashion.yaml)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (Path("configs") / p, SHIPPED_CONFIGS / p):
+        for c in (candidate, candidate.with_suffix(".yaml")):
+            if c.is_file():
+                return c
+    shipped = sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.yaml")) if SHIPPED_CONFIGS.is_dir() else []
+    hint = f" (shipped configs: {', '.join(shipped)})" if shipped else ""
+    raise DistMnistError(f"config file {path} does not exist{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Schema defaults, then the YAML file, then the overrides; validated."""
+    flat: dict[str, Any] = {}
+    if path is not None:
+        p = resolve_path(path)
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise DistMnistError(f"config file {p} is not valid YAML: {_first_line(err)}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise DistMnistError(f"cannot read config file {p}: {err}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise DistMnistError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
+        flat.update(_flatten(data, source=str(p)))
+    for item in overrides:
+        key, value = parse_override(item)
+        flat[key] = value
+    return config_from_flat(flat)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise DistMnistError(f"override {item!r} is not key=value (example: optim.lr=0.1)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise DistMnistError(f"override {item!r} has no key (example: optim.lr=0.1)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # a plain string such as a path with odd characters
+    return key, value
+
+
+def config_from_flat(flat: dict[str, Any]) -> Config:
+    cfg = Config()
+    for key, value in flat.items():
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def _flatten(data: dict, source: str, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if not isinstance(k, str):
+            raise DistMnistError(f"{source}: key {k!r} is not a name")
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and _is_section(key):
+            out.update(_flatten(v, source, prefix=f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_section(key: str) -> bool:
+    return key in {f.name for f in dataclasses.fields(Config)} and dataclasses.is_dataclass(
+        getattr(Config(), key)
+    )
+
+
+def known_keys() -> list[str]:
+    keys = []
+    for f in dataclasses.fields(Config):
+        section = getattr(Config(), f.name)
+        if dataclasses.is_dataclass(section):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target: Any = cfg
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(target)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "top level"
+            close = [k for k in known_keys() if k.split(".")[-1] == parts[-1] or k.startswith(key)]
+            hint = f"; did you mean {close[0]}?" if close else f"; known keys under {where}: " + ", ".join(
+                sorted(names)
+            )
+            raise DistMnistError(f"unknown config key {key!r}{hint}")
+        if i == len(parts) - 1:
+            hints = typing.get_type_hints(type(target))
+            if dataclasses.is_dataclass(getattr(target, part)):
+                raise DistMnistError(f"config key {key!r} is a section: set its keys, e.g. {key}.<name>=...")
+            setattr(target, part, _coerce(key, value, hints[part]))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise DistMnistError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        if isinstance(value, (int, str)) and not isinstance(value, bool) and args[0] is int:
+            value = [value] if isinstance(value, int) else value
+        if not isinstance(value, list):
+            raise DistMnistError(f"config key {key!r} must be a list (example: {key}=[128,128]), got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise DistMnistError(f"config key {key!r} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise DistMnistError(f"config key {key!r} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise DistMnistError(f"config key {key!r} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise DistMnistError(f"config key {key!r} must be a string, got {value!r}")
+    raise AssertionError(f"unsupported schema type {tp} for {key}")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DistMnistError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        need = "zero or more" if allow_zero else "greater than zero"
+        raise DistMnistError(f"config key {key!r} must be {need}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    _choice("data.name", cfg.data.name, DATASETS)
+    _choice("data.loader", cfg.data.loader, LOADERS)
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
+    _choice("train.accelerator", cfg.train.accelerator, ACCELERATORS)
+    _positive("data.batch_size", cfg.data.batch_size)
+    _positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
+    _positive("data.train_samples", cfg.data.train_samples)
+    _positive("data.test_samples", cfg.data.test_samples)
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
+    _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
+    _positive("train.epochs", cfg.train.epochs)
+    _positive("train.log_every_n_steps", cfg.train.log_every_n_steps)
+    _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("dist.timeout_s", cfg.dist.timeout_s)
+    if cfg.optim.momentum >= 1:
+        raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
+    if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
+        raise DistMnistError(
+            f"config key 'model.hidden' must be a non-empty list of positive sizes, got {cfg.model.hidden}"
+        )
+    if cfg.seed < 0 or cfg.seed >= 2**63:
+        raise DistMnistError(f"config key 'seed' must be between 0 and 2**63-1, got {cfg.seed}")
+    if cfg.run.dir is not None and not cfg.run.dir.strip():
+        raise DistMnistError("config key 'run.dir' is empty: give a folder, e.g. run.dir=runs/my-run")
+    if cfg.train.precision == "16-mixed" and cfg.train.accelerator == "cpu":
+        raise DistMnistError(
+            "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"
+        )
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in known_keys():
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        out[key] = obj
+    return out
+
+
+def trajectory(cfg: Config) -> dict[str, Any]:
+    flat = flat_dict(cfg)
+    keys = TRAJECTORY_KEYS + (("train.epochs",) if cfg.optim.schedule != "constant" else ())
+    return {k: flat[k] for k in keys}
+
+
+def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    data = cfg.to_dict()
+    if extra:
+        data = {**extra, **data}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,421 @@
+"""Data: MNIST / Fashion-MNIST (torchvision's dataset classes) or a synthetic set, sharded per rank.
+
+Every strategy and both loaders see the same samples in the same order:
+
+* training order: a permutation seeded with ``seed + epoch``, padded and split across ranks exactly as
+  :class:`torch.utils.data.DistributedSampler` does (``shard_indices``);
+* evaluation: rank r takes test samples r, r+W, r+2W, ... with no padding, so every test image is counted
+  exactly once for any world size W.
+
+``data.loader=resident`` keeps a whole split as one float tensor on the training device: an epoch is one
+gather of the rank's shard, a batch is a slice (no per-sample Python, no host-device copy per step).
+``data.loader=dataloader`` is the classic ``DataLoader`` + ``DistributedSampler`` (+ ``set_epoch``) path.
+Pixel values are ``uint8 / 255`` as float32 in both (what ``ToTensor`` gives); shapes are (B, 1, 28, 28).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from distmnist import dist
+from distmnist.config import Config, DataConfig
+from distmnist.errors import DistMnistError
+
+# torchvision's class name (its folder under data.root) per data set
+TORCHVISION_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# Where Debian's package dataset-fashion-mnist puts the real files; found without the user typing it.
+SYSTEM_FOLDERS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")], "mnist": []}
+SPLIT_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLIT_SIZE = {True: 60000, False: 10000}
+RAW_FILES = SPLIT_FILES[True] + SPLIT_FILES[False]
+SYNTHETIC_SIZE = {True: 6000, False: 1000}
+IDX_DTYPES = {0x08: torch.uint8}
+
+
+# --------------------------------------------------------------------------------------------- IDX files
+def read_idx(path: str | Path, max_bytes: int = 100 * 2**20) -> torch.Tensor:
+    """Read an IDX file (gzipped or not) of unsigned bytes; DistMnistError if it is not a valid one."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except (OSError, EOFError, gzip.BadGzipFile, ValueError) as err:
+        raise DistMnistError(f"cannot read {path}: {err}") from None
+    return parse_idx(raw, source=str(path))
+
+
+def parse_idx(raw: bytes, source: str = "IDX data") -> torch.Tensor:
+    if len(raw) < 4:
+        raise DistMnistError(f"{source} is not an IDX file: {len(raw)} bytes, too short for a header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code not in IDX_DTYPES or not 1 <= ndim <= 3:
+        raise DistMnistError(
+            f"{source} is not an IDX file of unsigned bytes (magic {raw[:4].hex()}, expected 0000080N)"
+        )
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DistMnistError(f"{source} is truncated inside its header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "longer than its header says"
+        raise DistMnistError(
+            f"{source} is {what}: {len(raw)} bytes, header {list(dims)} needs {expected}; fetch the file again"
+        )
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
+
+
+def check_split(images: torch.Tensor, labels: torch.Tensor, train: bool, source: str) -> None:
+    n = SPLIT_SIZE[train]
+    if tuple(images.shape) != (n, 28, 28):
+        raise DistMnistError(f"{source}: images have shape {list(images.shape)}, expected [{n}, 28, 28]")
+    if tuple(labels.shape) != (n,):
+        raise DistMnistError(f"{source}: labels have shape {list(labels.shape)}, expected [{n}]")
+    if int(labels.max()) > 9:
+        raise DistMnistError(f"{source}: labels go up to {int(labels.max())}, expected 0..9")
+
+
+def raw_folder(cfg: DataConfig) -> Path:
+    return Path(cfg.root) / TORCHVISION_CLASS[cfg.name] / "raw"
+
+
+def _find(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz", folder / name.replace("-idx", ".idx")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def prepare(name: str, source: str | Path, root: str | Path) -> Path:
+    """Copy the four IDX files of `name` from `source` to where torchvision looks, checking each one."""
+    if name not in TORCHVISION_CLASS:
+        raise DistMnistError(f"data prepare: --name must be one of {', '.join(TORCHVISION_CLASS)}, got {name!r}")
+    source = Path(source)
+    if not source.is_dir():
+        raise DistMnistError(f"data prepare: {source} is not a folder")
+    found = {f: _find(source, f) for f in RAW_FILES}
+    missing = [f for f, p in found.items() if p is None]
+    if missing:
+        raise DistMnistError(
+            f"data prepare: {source} lacks {', '.join(missing)} (gzipped or not); it needs the four standard "
+            f"IDX files of {name}"
+        )
+    tensors = {f: read_idx(p) for f, p in found.items()}
+    for train, (img, lab) in SPLIT_FILES.items():
+        check_split(tensors[img], tensors[lab], train, source=str(source))
+    dest = Path(root) / TORCHVISION_CLASS[name] / "raw"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f, p in found.items():
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{f}.")
+        try:
+            with os.fdopen(fd, "wb") as out, (gzip.open if p.suffix == ".gz" else open)(p, "rb") as src:
+                shutil.copyfileobj(src, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest / f)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    for train in (True, False):  # torchvision itself must now read them
+        _torchvision_split(DataConfig(name=name, root=str(root)), train)
+    return dest
+
+
+def _have_files(cfg: DataConfig) -> bool:
+    folder = raw_folder(cfg)
+    return all((folder / f).is_file() for f in RAW_FILES)
+
+
+def _fetch(cfg: DataConfig) -> str | None:
+    """Put the files under data.root (system folder, else torchvision download). None, or what went wrong."""
+    if _have_files(cfg):
+        return None
+    for folder in SYSTEM_FOLDERS[cfg.name]:
+        if folder.is_dir() and all(_find(folder, f) for f in RAW_FILES):
+            try:
+                prepare(cfg.name, folder, cfg.root)
+                return None
+            except DistMnistError as err:
+                return str(err)
+    hint = (
+        f"put the four IDX files there with `distmnist data prepare --name {cfg.name} --from DIR`"
+        + (" (or apt-get install dataset-fashion-mnist)" if cfg.name == "fashion-mnist" else "")
+    )
+    if not cfg.download:
+        return f"{cfg.name} is not under {raw_folder(cfg)} and data.download=false: {hint}"
+    try:
+        cls = _torchvision_class(cfg.name)
+        for train in (True, False):
+            cls(cfg.root, train=train, download=True)
+    except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"{cfg.name} is not under {raw_folder(cfg)} and the download failed ({reason[:120]}): {hint}"
+    return None
+
+
+def ensure_available(cfg: DataConfig, env: dist.DistEnv) -> None:
+    """Make the files available on every rank: global rank 0 fetches while the others wait at a barrier.
+
+    A node whose data.root is not shared (node-local disk) then has its local rank 0 fetch its own copy.
+    The error of the rank that fetched reaches every rank, so all of them stop with the same message.
+    """
+    if cfg.name == "synthetic":
+        return
+    problem = _fetch(cfg) if env.is_zero else None
+    problem = dist.broadcast_object(problem)
+    if problem is None and env.local_rank == 0 and not env.is_zero and not _have_files(cfg):
+        problem = _fetch(cfg)
+    dist.barrier()
+    if problem is None and dist.is_distributed():
+        flag = torch.tensor([0 if _have_files(cfg) else 1])
+        if env.backend == "nccl":
+            flag = flag.to(env.device)
+        if int(dist.all_reduce_sum(flag)) > 0:
+            problem = f"{cfg.name} files are missing under {raw_folder(cfg)} on some node"
+    if problem is not None:
+        raise DistMnistError(problem)
+
+
+def _torchvision_class(name: str):
+    import torchvision.datasets as tvd
+
+    return getattr(tvd, TORCHVISION_CLASS[name])
+
+
+def _torchvision_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = raw_folder(cfg)
+    images_file, labels_file = SPLIT_FILES[train]
+    for f in (images_file, labels_file):  # clean messages for damaged files instead of torchvision's
+        if not (folder / f).is_file():
+            raise DistMnistError(
+                f"{folder / f} is missing: run `distmnist data prepare --name {cfg.name} --from DIR`"
+            )
+    header_check(folder / images_file)
+    labels = read_idx(folder / labels_file)
+    try:
+        ds = _torchvision_class(cfg.name)(cfg.root, train=train, download=False)
+        images, targets = ds.data, ds.targets
+    except Exception as err:  # noqa: BLE001
+        raise DistMnistError(f"torchvision cannot read {folder}: {err}; run `distmnist data prepare` again") from None
+    check_split(images, labels, train, source=str(folder))
+    return images, targets.to(torch.int64)
+
+
+def header_check(path: Path) -> None:
+    """Header and size of a big IDX file without reading it all."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if len(head) < 16 or head[:4] != b"\x00\x00\x08\x03":
+        raise DistMnistError(f"{path} is not an IDX image file; run `distmnist data prepare` again")
+    dims = struct.unpack(">3I", head[4:16])
+    if size != 16 + math.prod(dims):
+        raise DistMnistError(
+            f"{path} is damaged: {size} bytes, its header {list(dims)} needs {16 + math.prod(dims)}; "
+            f"run `distmnist data prepare` again"
+        )
+
+
+# ---------------------------------------------------------------------------------------- synthetic set
+def synthetic_split(train: bool, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic, learnable 10-class set of 28x28 uint8 images: a smooth prototype per class plus noise.
+
+    The same bytes on every machine and rank (CPU generator with a fixed seed).
+    """
+    n = n or SYNTHETIC_SIZE[train]
+    g = torch.Generator().manual_seed(20240601)
+    smooth = F.interpolate(torch.rand(10, 1, 7, 7, generator=g), size=(28, 28), mode="bilinear")[:, 0]
+    prototypes = 0.5 + 0.8 * (smooth - 0.5)
+    g.manual_seed(1 if train else 2)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    noise = torch.randn(n, 28, 28, generator=g) * 0.5
+    images = ((prototypes[labels] + noise).clamp(0, 1) * 255).round().to(torch.uint8)
+    return images, labels
+
+
+def split_size(cfg: DataConfig, train: bool) -> int:
+    """Number of samples of a split, known without loading it."""
+    full = (SYNTHETIC_SIZE if cfg.name == "synthetic" else SPLIT_SIZE)[train]
+    limit = cfg.train_samples if train else cfg.test_samples
+    return min(full, limit) if limit is not None and cfg.name != "synthetic" else (limit or full)
+
+
+def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch: ceil(ceil(N / world_size) / batch_size), as DistributedSampler pads."""
+    return math.ceil(math.ceil(split_size(cfg, True) / world_size) / cfg.batch_size)
+
+
+def load_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 images [N, 28, 28], int64 labels [N]) of one split, cut to data.train/test_samples if set."""
+    limit = cfg.train_samples if train else cfg.test_samples
+    if cfg.name == "synthetic":
+        return synthetic_split(train, limit)
+    images, labels = _torchvision_split(cfg, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28] in [0, 1], bit for bit what ToTensor gives."""
+    return images.unsqueeze(1).to(torch.float32).div(255)
+
+
+# ------------------------------------------------------------------------------------------------ order
+def shard_indices(n: int, world_size: int, rank: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The indices `DistributedSampler(shuffle, seed, drop_last=False)` gives `rank` at `epoch`."""
+    if shuffle:
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    total = math.ceil(n / world_size) * world_size
+    if total > n:  # pad by repeating the start, as DistributedSampler does
+        order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+    return order[rank:total:world_size]
+
+
+def eval_indices(n: int, world_size: int, rank: int) -> torch.Tensor:
+    """Rank r's test samples: r, r+W, ... -- no padding, so the union over ranks is each sample once."""
+    return torch.arange(rank, n, world_size)
+
+
+class EpochOrder:
+    """Sampler-like: the rank's indices for the current epoch (``set_epoch`` as with DistributedSampler)."""
+
+    def __init__(self, n: int, world_size: int, rank: int, seed: int) -> None:
+        self.n, self.world_size, self.rank, self.seed = n, world_size, rank, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        return shard_indices(self.n, self.world_size, self.rank, self.seed, self.epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+
+class ResidentBatches:
+    """Training batches from a split kept on the device: one gather per epoch, then slices."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: EpochOrder,
+                 device: torch.device) -> None:
+        self.images = to_float(images).to(device)
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.sampler = sampler  # Lightning calls sampler.set_epoch(epoch) on it, as on a DataLoader's
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip(self, steps: int) -> None:
+        """Start the next pass `steps` batches into the epoch (resume mid-epoch)."""
+        self.start_step = steps
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        idx = self.sampler.indices().to(self.images.device)
+        start, self.start_step = self.start_step * self.batch_size, 0
+        x = self.images.index_select(0, idx[start:])
+        y = self.labels.index_select(0, idx[start:])
+        bs = self.batch_size
+        for i in range(0, x.shape[0], bs):
+            yield x[i : i + bs], y[i : i + bs]
+
+
+class ImageSet(Dataset):
+    """Map-style dataset over uint8 images, returning what ToTensor gives (per sample, the classic way)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i].unsqueeze(0).to(torch.float32).div(255), self.labels[i]
+
+
+class SkippingSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through (resume mid-epoch)."""
+
+    skip_samples = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+        skip, self.skip_samples = self.skip_samples, 0
+        for _ in range(skip):
+            next(it, None)
+        return it
+
+
+class LoaderBatches:
+    """The classic path: DataLoader + DistributedSampler, with ``set_epoch`` each epoch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, env: dist.DistEnv,
+                 seed: int) -> None:
+        self.sampler = SkippingSampler(
+            ImageSet(images, labels), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
+            drop_last=False,
+        )
+        self.loader = DataLoader(
+            self.sampler.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=False,
+        )
+        self.batch_size = cfg.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def skip(self, steps: int) -> None:
+        self.sampler.skip_samples = steps * self.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def train_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
+    images, labels = split if split is not None else load_split(cfg.data, train=True)
+    if cfg.data.loader == "resident":
+        order = EpochOrder(len(labels), env.world_size, env.rank, cfg.seed)
+        return ResidentBatches(images, labels, cfg.data.batch_size, order, env.device)
+    return LoaderBatches(images, labels, cfg.data, env, cfg.seed)
+
+
+def eval_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """This rank's share of the test split, in fixed batches (a list: iterate it as often as needed)."""
+    images, labels = split if split is not None else load_split(cfg.data, train=False)
+    idx = eval_indices(len(labels), env.world_size, env.rank)
+    x, y = to_float(images[idx]), labels[idx]
+    if cfg.data.loader == "resident":
+        x, y = x.to(env.device), y.to(env.device)
+    bs = cfg.data.eval_batch_size
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(y), bs)]

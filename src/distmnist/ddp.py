@@ -1,0 +1,78 @@
+"""Raw PyTorch DistributedDataParallel, launched by torchrun.
+
+    torchrun --nproc_per_node=4 -m distmnist.ddp [-c CONFIG] [section.key=value ...]
+    python -m distmnist.ddp ...            # one process, no process group
+
+What is specific to raw DDP: the process group (``dist.py``), wrapping the model in
+``DistributedDataParallel``, ``torch.autocast`` + ``GradScaler`` for mixed precision, and saving checkpoints
+from rank 0. The loop, data, metrics and logging are the shared ones (``loop.py``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from distmnist import checkpoint, data, dist, loop
+from distmnist.config import Config
+from distmnist.model import build_model, build_optimizer, build_scheduler
+from distmnist.precision import autocast_factory, grad_scaler
+from distmnist.rundir import RunDir
+
+NAME = "ddp"
+
+
+def train(cfg: Config) -> dict:
+    env = dist.read_env(cfg.train.accelerator)
+    autocast = autocast_factory(cfg.train.precision, env.device)
+    with dist.process_group(env, cfg.dist.timeout_s):
+        model = build_model(cfg.model.hidden, cfg.seed).to(env.device)
+        optimizer = build_optimizer(cfg.optim, model.parameters())
+        total_steps = cfg.train.epochs * data.steps_per_epoch(cfg.data, env.world_size)
+        scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
+        scaler = grad_scaler(cfg.train.precision, env.device)
+        # one process needs no DDP wrapper: same arithmetic (averaging over 1 rank), no bucket overhead
+        net = model
+        if env.world_size > 1:
+            net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+
+        def train_step(x, y):
+            with autocast():
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            return logits, loss
+
+        def save(path, state):
+            if env.is_zero:
+                checkpoint.save_state(path, state)
+            dist.barrier()
+
+        strategy = loop.Strategy(
+            name=NAME,
+            env=env,
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            train_step=train_step,
+            autocast=autocast,
+            state={"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
+            save=save,
+            load=lambda path, state: checkpoint.load_state(checkpoint.read(path), state),
+        )
+        return loop.fit(cfg, RunDir(cfg, NAME, env), strategy)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from distmnist.cli import run_strategy
+
+    return run_strategy(NAME, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The training loop shared by raw DDP and Fabric: epochs, steps, evaluation, logging, checkpoints, resume.
+
+A strategy file builds a :class:`Strategy` -- how to take one optimizer step, how to save and load its
+state -- and calls :func:`fit`. Everything else (data order, metrics, TensorBoard, checkpoints, outputs) is
+the same code for both, so their arithmetic is the same; the Lightning Trainer reuses the same pieces
+through its hooks (``trainer.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from distmnist import checkpoint, config, data, dist
+from distmnist.config import Config
+from distmnist.metrics import EvalMetrics, TrainTally, evaluate
+from distmnist.rundir import RunDir
+
+
+@dataclass
+class Strategy:
+    name: str
+    env: dist.DistEnv
+    model: nn.Module  # the plain NNModel: evaluated and saved as model.pt
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped after every optimizer step
+    train_step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> logits, loss
+    autocast: Callable[[], AbstractContextManager]
+    state: dict[str, Any]  # the stateful objects a checkpoint holds (model, optimizer, scheduler, scaler)
+    save: Callable[[Path, dict[str, Any]], None]  # called on every rank; writes on rank 0
+    load: Callable[[Path, dict[str, Any]], dict[str, Any]]  # restores `state` in place, returns the rest
+
+
+def progress_bar(run: RunDir, total: int, initial: int, epoch: int):
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
+        disable=not (run.env.is_zero and run.cfg.train.progress),
+        mininterval=0.5,
+        leave=False,
+        dynamic_ncols=True,
+    )
+
+
+def resume_point(run: RunDir, s: Strategy) -> dict[str, Any]:
+    """Restore the newest good checkpoint of the run dir (chosen by rank 0, loaded by all)."""
+    found = run.newest_checkpoint() if run.env.is_zero else None
+    path = dist.broadcast_object(str(found[0]) if found else None)
+    if path is None:
+        return {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    rest = s.load(Path(path), s.state)
+    meta = rest["distmnist"]
+    run.restore(meta)
+    if run.env.is_zero:
+        print(f"[{s.name}] resuming from {path} (epoch {meta['epoch'] + 1}, step {meta['global_step']})", flush=True)
+    return meta
+
+
+def save_checkpoint(run: RunDir, s: Strategy, epoch: int, step_in_epoch: int, global_step: int) -> None:
+    path = checkpoint.step_path(run.ckpt_dir, global_step)
+    meta = run.meta(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
+    s.save(path, {**s.state, "distmnist": meta})
+    if run.env.is_zero:
+        checkpoint.prune(run.ckpt_dir, run.cfg.checkpoint.keep)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
+    env = s.env
+    run.prepare()
+    data.ensure_available(cfg.data, env)
+    train_batches = data.train_batches(cfg, env)
+    eval_batches = data.eval_batches(cfg, env)
+    metrics = EvalMetrics().to(env.device)
+    tally = TrainTally(env.device)
+
+    pos = resume_point(run, s)
+    global_step, skip = pos["global_step"], pos["step_in_epoch"]
+    run.open_tb()
+    if global_step == 0:
+        run.tb.hparams({**config.flat_dict(cfg), "strategy": s.name, "world_size": env.world_size})
+
+    log_every, ckpt_every = cfg.train.log_every_n_steps, cfg.checkpoint.every_n_steps
+    for epoch in range(pos["epoch"], cfg.train.epochs):
+        train_batches.set_epoch(epoch)
+        train_batches.skip(skip)
+        bar = progress_bar(run, len(train_batches), skip, epoch)
+        started = time.perf_counter()
+        for step_in_epoch, (x, y) in enumerate(train_batches, start=skip + 1):
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            logits, loss = s.train_step(x, y)
+            tally.update(logits, y, loss)
+            global_step += 1
+            if global_step % log_every == 0:
+                value = run.log_step(global_step, loss, s.optimizer.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+            s.scheduler.step()
+            if ckpt_every and global_step % ckpt_every == 0 and step_in_epoch < len(train_batches):
+                save_checkpoint(run, s, epoch, step_in_epoch, global_step)
+            bar.update()
+        synchronize(env.device)
+        train_s = time.perf_counter() - started
+        bar.close()
+        skip = 0
+        train_stats = tally.compute()
+        val_stats = evaluate(s.model, eval_batches, metrics, s.autocast, env.device)
+        run.end_epoch(epoch, global_step, train_stats, val_stats, train_s)
+        save_checkpoint(run, s, epoch + 1, 0, global_step)
+
+    if pos["epoch"] >= cfg.train.epochs and env.is_zero:
+        print(f"[{s.name}] {run.path} already holds {pos['epoch']} epochs; raise train.epochs to train more")
+    summary = run.finish(s.model, global_step)
+    dist.barrier()
+    return summary

@@ -1,0 +1,97 @@
+"""Metrics, the same arithmetic under every strategy, reduced across ranks, exact.
+
+* :class:`EvalMetrics` -- torchmetrics accuracy (multiclass, 10 classes) and mean loss over the test set.
+  Ranks see disjoint shards with no padding (``data.eval_indices``), torchmetrics sums the states of all
+  ranks at ``compute()``: every test image is counted once for any world size.
+* :class:`TrainTally` -- running sums on the device (loss, correct, count) updated every step without any
+  host synchronisation; reduced once per epoch. It counts what the ranks trained on, including the few
+  samples DistributedSampler repeats to pad the last shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from distmnist import dist
+from distmnist.model import NUM_CLASSES
+
+
+class EvalMetrics(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro", validate_args=False)
+        self.loss = MeanMetric(nan_strategy="disable")
+        self.count = SumMetric(nan_strategy="disable")
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits = logits.float()
+        self.acc.update(logits, target)
+        self.loss.update(F.cross_entropy(logits, target, reduction="none"))
+        self.count.update(torch.tensor(float(target.numel()), device=target.device))
+
+    def compute(self) -> dict[str, float]:
+        """Synced over all ranks (a collective: every rank must call it)."""
+        out = {
+            "val_acc": float(self.acc.compute()),
+            "val_loss": float(self.loss.compute()),
+            "val_samples": int(self.count.compute()),
+        }
+        self.reset()
+        return out
+
+    def reset(self) -> None:
+        for m in (self.acc, self.loss, self.count):
+            m.reset()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    metrics: EvalMetrics,
+    autocast: Callable[[], AbstractContextManager],
+    device: torch.device,
+) -> dict[str, float]:
+    """The test set through `model` (the plain NNModel, not its DDP wrapper: no collectives per batch)."""
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        metrics.update(logits, y)
+    model.train(was_training)
+    return metrics.compute()
+
+
+class TrainTally:
+    """Sums of loss, correct predictions and samples of one epoch, kept on the device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+        n = target.shape[0]
+        self.sums[0] += loss.detach().double() * n
+        self.sums[1] += (logits.argmax(dim=1) == target).sum()
+        self.sums[2] += n
+
+    def compute(self) -> dict[str, float]:
+        """Reduced over all ranks (a collective), then reset."""
+        sums = dist.all_reduce_sum(self.sums.clone()).tolist()
+        self.sums.zero_()
+        loss_sum, correct, count = sums
+        return {
+            "train_loss": loss_sum / count if count else float("nan"),
+            "train_acc": correct / count if count else float("nan"),
+            "train_samples": int(count),
+        }

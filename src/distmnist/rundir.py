@@ -1,0 +1,192 @@
+"""The run directory and what every strategy records in it, in one format.
+
+    runs/<name>/config.yaml     resolved config + strategy (written when the run starts)
+    runs/<name>/tb/             TensorBoard events (tblog schema)
+    runs/<name>/checkpoints/    step=<global step>.ckpt, newest `checkpoint.keep` kept
+    runs/<name>/model.pt        final NNModel state_dict (same format from all strategies)
+    runs/<name>/metrics.json    final numbers + per-epoch history
+
+Only rank 0 writes; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from distmnist import checkpoint, config, tblog
+from distmnist.config import Config
+from distmnist.dist import DistEnv
+from distmnist.errors import DistMnistError
+
+
+class RunDir:
+    def __init__(self, cfg: Config, strategy: str, env: DistEnv) -> None:
+        self.cfg, self.strategy, self.env = cfg, strategy, env
+        self.path = cfg.run_dir(strategy)
+        self.config_yaml = self.path / "config.yaml"
+        self.tb_dir = self.path / "tb"
+        self.ckpt_dir = self.path / "checkpoints"
+        self.model_pt = self.path / "model.pt"
+        self.metrics_json = self.path / "metrics.json"
+        self.tb = tblog.TBLog(None)
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0  # seconds of earlier runs of this run dir (resume)
+        self.started = time.perf_counter()
+
+    # -------------------------------------------------------------------------------------- ownership
+    def check_owner(self) -> None:
+        """Refuse a run dir that another strategy wrote (its checkpoints would not load here)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DistMnistError(f"run.dir {self.path} is a file; give a folder")
+        if not self.config_yaml.is_file():
+            return
+        try:
+            old = yaml.safe_load(self.config_yaml.read_text()) or {}
+        except (yaml.YAMLError, OSError):
+            return
+        other = old.get("strategy") if isinstance(old, dict) else None
+        if other is not None and other != self.strategy:
+            raise DistMnistError(
+                f"run.dir {self.path} belongs to a {other} run; use another run.dir for {self.strategy} "
+                f"(e.g. run.dir=runs/{self.strategy})"
+            )
+
+    def prepare(self) -> None:
+        """Check the run dir can be ours (every rank), write config.yaml (rank 0)."""
+        self.check_owner()
+        if self.env.is_zero:
+            extra = {"strategy": self.strategy, "world_size": self.env.world_size, "device": str(self.env.device)}
+            checkpoint.atomic_write(self.config_yaml, config.to_yaml(self.cfg, extra).encode())
+
+    def open_tb(self, writer=None) -> None:
+        """Rank 0 writes TensorBoard events: through `writer` if given (Lightning's), else its own."""
+        if self.env.is_zero:
+            self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.tb_dir))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def meta(self, **position: Any) -> dict[str, Any]:
+        """What a checkpoint records about the run besides the model/optimizer state."""
+        return {
+            "format": checkpoint.FORMAT,
+            "strategy": self.strategy,
+            "world_size": self.env.world_size,
+            "trajectory": config.trajectory(self.cfg),
+            "history": list(self.history),
+            "elapsed_s": self.elapsed(),
+            **position,
+        }
+
+    def check_checkpoint(self, obj: dict[str, Any], path: Path) -> None:
+        meta = obj.get("distmnist")
+        if not isinstance(meta, dict) or meta.get("format") != checkpoint.FORMAT:
+            raise DistMnistError(f"{path} is not a distmnist checkpoint; move it out of {self.ckpt_dir}")
+        if meta.get("strategy") != self.strategy:
+            raise DistMnistError(
+                f"{path} was written by the {meta.get('strategy')} strategy; use another run.dir for "
+                f"{self.strategy}"
+            )
+        mine = config.trajectory(self.cfg)
+        theirs = meta.get("trajectory", {})
+        changed = [f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
+        if changed:
+            raise DistMnistError(
+                f"run.dir {self.path} holds a run with another config ({'; '.join(changed)}); resume it with "
+                f"its own config ({self.config_yaml}) or choose a new run.dir"
+            )
+        if meta.get("world_size") != self.env.world_size and self.env.is_zero:
+            warnings.warn(
+                f"resuming a run written with {meta.get('world_size')} processes on {self.env.world_size}: "
+                f"the global batch and data order change from here on",
+                stacklevel=2,
+            )
+
+    def newest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
+        return checkpoint.newest_good(self.ckpt_dir, self.check_checkpoint)
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        self.history = list(meta.get("history", []))
+        self.elapsed_before = float(meta.get("elapsed_s", 0.0))
+
+    # --------------------------------------------------------------------------------------- records
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> float:
+        """Every train.log_every_n_steps steps: the one host sync of the step path (rank 0's loss)."""
+        value = float(loss.detach())
+        self.tb.step(global_step, value, lr)
+        return value
+
+    def end_epoch(self, epoch: int, global_step: int, train: dict, val: dict, train_s: float) -> dict:
+        """One epoch's record: printed as one line on rank 0, logged to TensorBoard, kept for metrics.json."""
+        record = {
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            **train,
+            **val,
+            "epoch_s": train_s,
+            "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
+            "wall_s": self.elapsed(),
+        }
+        self.history.append(record)
+        if self.env.is_zero:
+            self.tb.epoch(global_step, record)
+            print(
+                f"[{self.strategy}] epoch {epoch + 1}/{self.cfg.train.epochs} step {global_step} "
+                f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
+                f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
+                f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
+                f"{train_s:.2f} s",
+                flush=True,
+            )
+        return record
+
+    def summary(self, global_step: int) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        train_s = sum(r["epoch_s"] for r in self.history)
+        samples = sum(r["train_samples"] for r in self.history)
+        return {
+            "strategy": self.strategy,
+            "world_size": self.env.world_size,
+            "num_nodes": self.env.num_nodes,
+            "device": self.env.device.type,
+            "precision": self.cfg.train.precision,
+            "dataset": self.cfg.data.name,
+            "loader": self.cfg.data.loader,
+            "batch_size": self.cfg.data.batch_size,
+            "global_batch_size": self.cfg.data.batch_size * self.env.world_size,
+            "epochs": len(self.history),
+            "global_step": global_step,
+            "val_acc": last.get("val_acc"),
+            "val_loss": last.get("val_loss"),
+            "val_samples": last.get("val_samples"),
+            "train_loss": last.get("train_loss"),
+            "train_acc": last.get("train_acc"),
+            "train_samples_per_sec": samples / train_s if train_s > 0 else None,
+            "wall_s": self.elapsed(),
+            "history": self.history,
+        }
+
+    def finish(self, model: torch.nn.Module, global_step: int) -> dict[str, Any]:
+        """model.pt and metrics.json, written by rank 0."""
+        summary = self.summary(global_step)
+        if self.env.is_zero:
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            checkpoint.atomic_torch_save(state, self.model_pt)
+            checkpoint.atomic_write(self.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
+            print(
+                f"[{self.strategy}] done: val_acc {summary['val_acc']:.4f} after {summary['epochs']} epochs; "
+                f"wrote {self.model_pt} and {self.metrics_json}",
+                file=sys.stdout,
+                flush=True,
+            )
+        self.tb.close()
+        return summary

@@ -88,7 +88,7 @@ def prune(ckpt_dir: str | Path, keep: int) -> None:
             pass
 
 
-def newest_good(ckpt_dir: str | Path, check) -> tuple[Path, dict] | None:
+def newest_good(ckpt_dir: str | Path, check, quiet: bool = False) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads and passes `check(obj, path)`; damaged ones are reported and skipped.
 
     `check` raises DistMnistError for a checkpoint that must not be used at all (other model, other config):
@@ -98,7 +98,8 @@ def newest_good(ckpt_dir: str | Path, check) -> tuple[Path, dict] | None:
         try:
             obj = read(path)
         except DistMnistError as err:
-            print(f"distmnist: warning: {err}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"distmnist: warning: {err}; trying the previous checkpoint", file=sys.stderr, flush=True)
             continue
         check(obj, path)
         return path, obj

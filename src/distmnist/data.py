@@ -410,12 +410,20 @@ def train_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, tor
     return LoaderBatches(images, labels, cfg.data, env, cfg.seed)
 
 
+class EvalBatches:
+    """This rank's share of the test split in fixed batches, already on the device; iterate it every epoch."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+        self.batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
 def eval_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """This rank's share of the test split, in fixed batches (a list: iterate it as often as needed)."""
     images, labels = split if split is not None else load_split(cfg.data, train=False)
     idx = eval_indices(len(labels), env.world_size, env.rank)
-    x, y = to_float(images[idx]), labels[idx]
-    if cfg.data.loader == "resident":
-        x, y = x.to(env.device), y.to(env.device)
-    bs = cfg.data.eval_batch_size
-    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, len(y), bs)]
+    return EvalBatches(to_float(images[idx]).to(env.device), labels[idx].to(env.device), cfg.data.eval_batch_size)

@@ -17,9 +17,14 @@ from distmnist.errors import DistMnistError
 AUTOCAST_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+def check_precision(precision: str, device: torch.device) -> None:
+    """16-mixed is float16 autocast with a GradScaler: CUDA only (Lightning would quietly switch to bf16)."""
     if precision == "16-mixed" and device.type != "cuda":
         raise DistMnistError("train.precision=16-mixed needs CUDA; on CPU use train.precision=bf16-mixed")
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    check_precision(precision, device)
     dtype = AUTOCAST_DTYPE.get(precision)
     if dtype is None:
         return contextlib.nullcontext

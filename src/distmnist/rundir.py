@@ -109,7 +109,7 @@ class RunDir:
             )
 
     def newest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:
-        return checkpoint.newest_good(self.ckpt_dir, self.check_checkpoint)
+        return checkpoint.newest_good(self.ckpt_dir, self.check_checkpoint, quiet=not self.env.is_zero)
 
     def restore(self, meta: dict[str, Any]) -> None:
         self.history = list(meta.get("history", []))
@@ -120,7 +120,9 @@ class RunDir:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> float:
-        """Every train.log_every_n_steps steps: the one host sync of the step path (rank 0's loss)."""
+        """Every train.log_every_n_steps steps: the one host sync of the step path (rank 0 only)."""
+        if not self.env.is_zero:
+            return float("nan")
         value = float(loss.detach())
         self.tb.step(global_step, value, lr)
         return value

@@ -37,7 +37,7 @@ def train(cfg: Config) -> dict:
         num_nodes=env.num_nodes,
         strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
         precision=cfg.train.precision,
-        plugins=[checkpoint.checkpoint_io()],
+        plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
     )
     fabric.launch()
     env = replace(env, rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)

@@ -13,8 +13,10 @@ ones, called from the module's hooks.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from dataclasses import replace
 from datetime import timedelta
 
@@ -33,6 +35,13 @@ from distmnist.precision import check_precision
 from distmnist.rundir import RunDir
 
 NAME = "trainer"
+
+# Lightning 2.6 advertises a cloud logger on every start and trips a torch deprecation in its own pytree code:
+# neither says anything about this run, so keep them out of the log.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+# Its hint about srun is moot: the cluster environment is chosen explicitly (dist.lightning_environment).
+warnings.filterwarnings("ignore", message=r"The `srun` command is available")
 
 
 class NNModule(L.LightningModule):
@@ -145,7 +154,7 @@ def train(cfg: Config) -> dict:
                 every_n_epochs=1,
             )
         ],
-        plugins=[checkpoint.checkpoint_io()],
+        plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         enable_progress_bar=cfg.train.progress,

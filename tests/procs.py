@@ -21,7 +21,9 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun's shared store keeps the previous attempt's keys, so a
+    # restarted gloo group may connect to a dead peer (pytorch/pytorch#135712); launch/ and slurm/ set it too.
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     for key in [k for k in env if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE")]:
         env.pop(key)
     env.update(extra)
@@ -36,13 +38,19 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 240, **env: 
     )
 
 
+def torchrun_cmd(module: str, *args: str, nproc: int = 2, extra: tuple = ()) -> list[str]:
+    """--standalone: a c10d rendezvous on a free port. (The static rendezvous that --master_port selects keeps
+    one store across --max-restarts attempts, and a restarted gloo group then times out connecting.)"""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+        "-m", module, *args,
+    ]
+
+
 def torchrun(module: str, *args: str, nproc: int = 2, cwd: Path, timeout: float = 240, extra: tuple = (),
              **env: str) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node=N -m module args...` on a free port (gloo on CPU)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *extra, "-m", module, *args,
-    ]
+    """`torchrun --standalone --nproc_per_node=N -m module args...` (gloo on CPU)."""
+    cmd = torchrun_cmd(module, *args, nproc=nproc, extra=extra)
     return subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
 
 

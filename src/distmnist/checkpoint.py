@@ -13,10 +13,12 @@ import os
 import re
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+
 from distmnist.errors import DistMnistError
 
 FORMAT = "distmnist-checkpoint/1"
@@ -24,15 +26,28 @@ SUFFIX = ".ckpt"
 NAME = re.compile(r"^step=(\d+)\.ckpt$")
 
 
-def atomic_write(path: str | Path, data: bytes) -> None:
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # os.umask can only be read by setting it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
+@contextmanager
+def atomic_open(path: str | Path):
+    """A binary file that appears at `path` only when the block ends without error: written to a temporary
+    name in the same folder, fsynced, given the usual mode (0666 minus the umask), then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -46,6 +61,11 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def atomic_write(path: str | Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -71,6 +71,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at the end of each epoch
     keep: int = 2
+    stop_check_every_n_steps: int = 10  # how often the ranks agree on a SIGTERM/SIGUSR1 (one tiny all-reduce)
 
 
 @dataclass
@@ -301,6 +302,7 @@ def validate(cfg: Config) -> None:
     _positive("train.log_every_n_steps", cfg.train.log_every_n_steps)
     _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
     _positive("checkpoint.keep", cfg.checkpoint.keep)
+    _positive("checkpoint.stop_check_every_n_steps", cfg.checkpoint.stop_check_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     if cfg.optim.momentum >= 1:
         raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
@@ -334,11 +336,8 @@ def trajectory(cfg: Config) -> dict[str, Any]:
     return {k: flat[k] for k in keys}
 
 
-def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
-    data = cfg.to_dict()
-    if extra:
-        data = {**extra, **data}
-    return yaml.safe_dump(data, sort_keys=False)
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def _first_line(err: Exception) -> str:

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distmnist import dist
+from distmnist.checkpoint import atomic_open
 from distmnist.config import Config, DataConfig
 from distmnist.errors import DistMnistError
 
@@ -122,16 +120,8 @@ def prepare(name: str, source: str | Path, root: str | Path) -> Path:
     dest = Path(root) / TORCHVISION_CLASS[name] / "raw"
     dest.mkdir(parents=True, exist_ok=True)
     for f, p in found.items():
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{f}.")
-        try:
-            with os.fdopen(fd, "wb") as out, (gzip.open if p.suffix == ".gz" else open)(p, "rb") as src:
-                shutil.copyfileobj(src, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest / f)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_open(dest / f) as out, (gzip.open if p.suffix == ".gz" else open)(p, "rb") as src:
+            shutil.copyfileobj(src, out)
     for train in (True, False):  # torchvision itself must now read them
         _torchvision_split(DataConfig(name=name, root=str(root)), train)
     return dest

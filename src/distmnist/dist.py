@@ -153,6 +153,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def backend_needs_device() -> bool:
+    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
+    return is_distributed() and dist.get_backend() == "nccl"
+
+
 def broadcast_object(obj, src: int = 0):
     """rank `src`'s Python object on every rank (a no-op in a single process)."""
     if not is_distributed():

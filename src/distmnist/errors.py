@@ -7,18 +7,56 @@ Entry points catch :class:`DistMnistError`, print its message as one line on std
 from __future__ import annotations
 
 import functools
+import os
+import re
+import signal
 import sys
 from collections.abc import Callable
 
 USAGE_EXIT = 2
+RANK_LOST_EXIT = 1
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run the same command to resume
 
 
 class DistMnistError(Exception):
     """A problem the user can fix: bad config, missing data, foreign file. The message says how."""
 
 
+class Stopped(Exception):
+    """Training stopped on SIGTERM/SIGUSR1 after every rank wrote its part of a checkpoint."""
+
+
+COLLECTIVE_FAILURE = re.compile(
+    r"gloo|nccl|connection (reset|closed|refused)|timed out|timeout|broken pipe|DistBackendError", re.IGNORECASE
+)
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """One line for a collective that failed because another rank died or stalled; None for other errors."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:  # pragma: no cover
+        DistError = ()  # noqa: N806
+    text = str(err).strip()
+    if not (isinstance(err, DistError) or (isinstance(err, RuntimeError) and COLLECTIVE_FAILURE.search(text))):
+        return None
+    first = " ".join(text.splitlines()[0].split())[:200] if text else type(err).__name__
+    return (
+        f"rank {process_rank()} lost its peers in a collective ({first}): another rank died or stalled past "
+        f"dist.timeout_s -- its own log says why; the newest checkpoint in run.dir resumes the run"
+    )
+
+
+def process_rank() -> int:
+    """The global rank from the launcher's environment (0 without one), readable before any process group."""
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2."""
+    """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -28,5 +66,19 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             message = " ".join(str(err).split())
             print(f"distmnist: error: {message}", file=sys.stderr, flush=True)
             return USAGE_EXIT
+        except (RuntimeError, OSError) as err:
+            line = collective_failure(err)
+            if line is None:
+                raise
+            print(f"distmnist: error: {line}", file=sys.stderr, flush=True)
+            return RANK_LOST_EXIT
+        except Stopped as stop:
+            # The checkpoint is written: the launcher's follow-up SIGTERM (torchrun sends one as soon as another
+            # rank exits) must not turn this exit into a death by signal while the interpreter shuts down.
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
+            if process_rank() == 0:  # every rank stopped at the same step: one line is enough
+                print(f"distmnist: {stop}", file=sys.stderr, flush=True)
+            return STOPPED_EXIT
 
     return wrapper

@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from distmnist import checkpoint, config, data, dist
+from distmnist import checkpoint, data, dist
 from distmnist.config import Config
+from distmnist.errors import Stopped
 from distmnist.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.rundir import RunDir
+from distmnist.stopping import StopRequest, signal_name
 
 
 @dataclass
@@ -51,9 +53,8 @@ def progress_bar(run: RunDir, total: int, initial: int, epoch: int):
     )
 
 
-def resume_point(run: RunDir, s: Strategy) -> dict[str, Any]:
-    """Restore the newest good checkpoint of the run dir (chosen by rank 0, loaded by all)."""
-    found = run.newest_checkpoint() if run.env.is_zero else None
+def resume_point(run: RunDir, s: Strategy, found: tuple[Path, dict] | None) -> dict[str, Any]:
+    """Restore the checkpoint `run.prepare()` found (rank 0's choice, loaded by all)."""
     path = dist.broadcast_object(str(found[0]) if found else None)
     if path is None:
         return {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
@@ -65,12 +66,14 @@ def resume_point(run: RunDir, s: Strategy) -> dict[str, Any]:
     return meta
 
 
-def save_checkpoint(run: RunDir, s: Strategy, epoch: int, step_in_epoch: int, global_step: int) -> None:
-    path = checkpoint.step_path(run.ckpt_dir, global_step)
-    meta = run.meta(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step)
+def save_checkpoint(run: RunDir, s: Strategy, tally: TrainTally, position: dict[str, Any]) -> Path:
+    """Every rank calls this at the same step (the tally reduction and the strategy's save are collectives)."""
+    path = checkpoint.step_path(run.ckpt_dir, position["global_step"])
+    meta = run.meta(**position, tally=tally.state())
     s.save(path, {**s.state, "distmnist": meta})
     if run.env.is_zero:
         checkpoint.prune(run.ckpt_dir, run.cfg.checkpoint.keep)
+    return path
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,25 +83,26 @@ def synchronize(device: torch.device) -> None:
 
 def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     env = s.env
-    run.prepare()
+    found = run.prepare()
     data.ensure_available(cfg.data, env)
     train_batches = data.train_batches(cfg, env)
     eval_batches = data.eval_batches(cfg, env)
     metrics = EvalMetrics().to(env.device)
     tally = TrainTally(env.device)
 
-    pos = resume_point(run, s)
+    pos = resume_point(run, s, found)
     global_step, skip = pos["global_step"], pos["step_in_epoch"]
-    run.open_tb()
-    if global_step == 0:
-        run.tb.hparams({**config.flat_dict(cfg), "strategy": s.name, "world_size": env.world_size})
+    tally.restore(pos.get("tally") if skip else None, env.is_zero)
+    run.start(fresh=found is None)
 
     log_every, ckpt_every = cfg.train.log_every_n_steps, cfg.checkpoint.every_n_steps
+    stop_every = cfg.checkpoint.stop_check_every_n_steps
+    stop = StopRequest().install()  # left in place if training stops: a late SIGTERM must not kill the exit
     for epoch in range(pos["epoch"], cfg.train.epochs):
         train_batches.set_epoch(epoch)
         train_batches.skip(skip)
         bar = progress_bar(run, len(train_batches), skip, epoch)
-        started = time.perf_counter()
+        started = time.perf_counter() - (pos.get("epoch_train_s", 0.0) if skip else 0.0)
         for step_in_epoch, (x, y) in enumerate(train_batches, start=skip + 1):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             logits, loss = s.train_step(x, y)
@@ -108,9 +112,20 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
                 value = run.log_step(global_step, loss, s.optimizer.param_groups[0]["lr"])
                 bar.set_postfix(loss=f"{value:.4f}", refresh=False)
             s.scheduler.step()
-            if ckpt_every and global_step % ckpt_every == 0 and step_in_epoch < len(train_batches):
-                save_checkpoint(run, s, epoch, step_in_epoch, global_step)
             bar.update()
+            if step_in_epoch == len(train_batches):
+                break  # the end-of-epoch checkpoint follows the evaluation
+            signum = stop.agreed(env.device) if global_step % stop_every == 0 else 0
+            if signum or (ckpt_every and global_step % ckpt_every == 0):
+                position = dict(epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+                                epoch_train_s=time.perf_counter() - started)
+                path = save_checkpoint(run, s, tally, position)
+                if signum:
+                    bar.close()
+                    raise Stopped(
+                        f"stopped by {signal_name(signum)} at step {global_step} (epoch {epoch + 1}); "
+                        f"checkpoint {path}; run the same command again to resume"
+                    )
         synchronize(env.device)
         train_s = time.perf_counter() - started
         bar.close()
@@ -118,7 +133,8 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
         train_stats = tally.compute()
         val_stats = evaluate(s.model, eval_batches, metrics, s.autocast, env.device)
         run.end_epoch(epoch, global_step, train_stats, val_stats, train_s)
-        save_checkpoint(run, s, epoch + 1, 0, global_step)
+        save_checkpoint(run, s, tally, dict(epoch=epoch + 1, step_in_epoch=0, global_step=global_step))
+    stop.uninstall()
 
     if pos["epoch"] >= cfg.train.epochs and env.is_zero:
         print(f"[{s.name}] {run.path} already holds {pos['epoch']} epochs; raise train.epochs to train more")

@@ -85,6 +85,16 @@ class TrainTally:
         self.sums[1] += (logits.argmax(dim=1) == target).sum()
         self.sums[2] += n
 
+    def state(self) -> list[float]:
+        """The epoch's sums so far, reduced over all ranks (a collective): what a mid-epoch checkpoint keeps."""
+        return dist.all_reduce_sum(self.sums.clone()).tolist()
+
+    def restore(self, sums: list[float] | None, is_zero: bool) -> None:
+        """Continue an epoch from a checkpoint: rank 0 carries the reduced sums, the others start at zero."""
+        self.sums.zero_()
+        if sums and is_zero:
+            self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
+
     def compute(self) -> dict[str, float]:
         """Reduced over all ranks (a collective), then reset."""
         sums = dist.all_reduce_sum(self.sums.clone()).tolist()

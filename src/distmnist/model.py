@@ -59,7 +59,7 @@ def hidden_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
             f"distmnist run"
         )
     shapes_ok = weights[0].dim() == 2 and weights[0].shape[1] == IMAGE_SIZE and weights[-1].shape[0] == NUM_CLASSES
-    for a, b in zip(weights, weights[1:]):
+    for a, b in zip(weights, weights[1:], strict=False):
         shapes_ok = shapes_ok and b.dim() == 2 and b.shape[1] == a.shape[0]
     if not shapes_ok:
         raise DistMnistError(f"{source} has NNModel keys but the layer shapes do not chain 784 -> ... -> 10")

@@ -12,19 +12,24 @@ Only rank 0 writes; every file is written atomically.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from distmnist import checkpoint, config, tblog
 from distmnist.config import Config
 from distmnist.dist import DistEnv
 from distmnist.errors import DistMnistError
+from distmnist.model import hidden_from_state_dict
+
+OWNER = re.compile(r"^# distmnist run: strategy=(\w+)")
 
 
 class RunDir:
@@ -46,30 +51,48 @@ class RunDir:
         """Refuse a run dir that another strategy wrote (its checkpoints would not load here)."""
         if self.path.exists() and not self.path.is_dir():
             raise DistMnistError(f"run.dir {self.path} is a file; give a folder")
-        if not self.config_yaml.is_file():
-            return
         try:
-            old = yaml.safe_load(self.config_yaml.read_text()) or {}
-        except (yaml.YAMLError, OSError):
+            first = self.config_yaml.read_text().splitlines()[0]
+        except (OSError, UnicodeDecodeError, IndexError):
             return
-        other = old.get("strategy") if isinstance(old, dict) else None
-        if other is not None and other != self.strategy:
+        owner = OWNER.search(first)
+        if owner and owner.group(1) != self.strategy:
             raise DistMnistError(
-                f"run.dir {self.path} belongs to a {other} run; use another run.dir for {self.strategy} "
+                f"run.dir {self.path} belongs to a {owner.group(1)} run; use another run.dir for {self.strategy} "
                 f"(e.g. run.dir=runs/{self.strategy})"
             )
 
-    def prepare(self) -> None:
-        """Check the run dir can be ours (every rank), write config.yaml (rank 0)."""
+    def prepare(self) -> tuple[Path, dict[str, Any]] | None:
+        """Check the run dir can be ours and find the checkpoint to resume from (every rank, before any process
+        group). Nothing is written: a refused run leaves the run dir exactly as it was."""
         self.check_owner()
-        if self.env.is_zero:
-            extra = {"strategy": self.strategy, "world_size": self.env.world_size, "device": str(self.env.device)}
-            checkpoint.atomic_write(self.config_yaml, config.to_yaml(self.cfg, extra).encode())
+        return self.newest_checkpoint()
 
-    def open_tb(self, writer=None) -> None:
-        """Rank 0 writes TensorBoard events: through `writer` if given (Lightning's), else its own."""
-        if self.env.is_zero:
-            self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.tb_dir))
+    @contextmanager
+    def removed_if_refused(self):
+        """A run that stops on a DistMnistError before its first checkpoint leaves no new run dir behind (the
+        Lightning Trainer creates its TensorBoard writer before the data is checked)."""
+        existed = self.path.exists()
+        try:
+            yield
+        except DistMnistError:
+            if not existed and self.env.is_zero and not checkpoint.listing(self.ckpt_dir):
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    def start(self, writer=None, fresh: bool = True) -> None:
+        """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
+        Lightning's; else its own), recording the hyperparameters when the run starts from scratch."""
+        if not self.env.is_zero:
+            return
+        header = (
+            f"# distmnist run: strategy={self.strategy} world_size={self.env.world_size} "
+            f"device={self.env.device}\n# the resolved config: `-c {self.config_yaml}` runs it again\n"
+        )
+        checkpoint.atomic_write(self.config_yaml, (header + config.to_yaml(self.cfg)).encode())
+        self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.tb_dir))
+        if fresh:
+            self.tb.hparams({**config.flat_dict(self.cfg), "strategy": self.strategy, "world_size": self.env.world_size})
 
     # ------------------------------------------------------------------------------------ checkpoints
     def meta(self, **position: Any) -> dict[str, Any]:
@@ -101,11 +124,25 @@ class RunDir:
                 f"run.dir {self.path} holds a run with another config ({'; '.join(changed)}); resume it with "
                 f"its own config ({self.config_yaml}) or choose a new run.dir"
             )
+        self.check_model_state(obj, path)
         if meta.get("world_size") != self.env.world_size and self.env.is_zero:
             warnings.warn(
                 f"resuming a run written with {meta.get('world_size')} processes on {self.env.world_size}: "
                 f"the global batch and data order change from here on",
                 stacklevel=2,
+            )
+
+    def check_model_state(self, obj: dict[str, Any], path: Path) -> None:
+        """The weights in the checkpoint must be an NNModel of this config's shape (raw DDP/Fabric keep them under
+        'model', Lightning under 'state_dict' with a 'model.' prefix)."""
+        state = obj.get("model")
+        if state is None and isinstance(obj.get("state_dict"), dict):
+            state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+        hidden = hidden_from_state_dict(state, source=f"checkpoint {path}")
+        if hidden != list(self.cfg.model.hidden):
+            raise DistMnistError(
+                f"checkpoint {path} holds a model with hidden sizes {hidden}, this config has {self.cfg.model.hidden}; "
+                f"use another run.dir"
             )
 
     def newest_checkpoint(self) -> tuple[Path, dict[str, Any]] | None:

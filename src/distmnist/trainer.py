@@ -23,16 +23,18 @@ from datetime import timedelta
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from distmnist import checkpoint, config, data, dist
+from distmnist import checkpoint, data, dist
 from distmnist.config import Config
+from distmnist.errors import Stopped
 from distmnist.metrics import EvalMetrics, TrainTally
 from distmnist.model import build_model, build_optimizer, build_scheduler
 from distmnist.precision import check_precision
 from distmnist.rundir import RunDir
+from distmnist.stopping import StopRequest, signal_name
 
 NAME = "trainer"
 
@@ -42,20 +44,32 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 # Its hint about srun is moot: the cluster environment is chosen explicitly (dist.lightning_environment).
 warnings.filterwarnings("ignore", message=r"The `srun` command is available")
+# Mid-epoch resume is handled (NNModule.on_load_checkpoint positions the loader), unlike what it fears.
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, except that a run stopped before it started (missing data, say) leaves no
+    event file behind: finalize() does not create the writer just to flush it."""
+
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:
+            super().finalize(status)
 
 
 class NNModule(L.LightningModule):
     """The shared NNModel (``self.model``) trained and evaluated with the shared metrics and records."""
 
-    def __init__(self, cfg: Config, run: RunDir) -> None:
+    def __init__(self, cfg: Config, run: RunDir, fresh: bool = True) -> None:
         super().__init__()
-        self.cfg, self.run = cfg, run
+        self.cfg, self.run, self._fresh = cfg, run, fresh
         self.model = build_model(cfg.model.hidden, cfg.seed)
         self.val_metrics = EvalMetrics()
         self.tally: TrainTally | None = None
         self._lr = cfg.optim.lr
         self._started = 0.0
         self._train_s = 0.0
+        self._resumed: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -68,6 +82,7 @@ class NNModule(L.LightningModule):
         self.train_batches = data.train_batches(self.cfg, env)
         self.eval_batches = data.eval_batches(self.cfg, env)
         self.tally = TrainTally(self.device)
+        self.run.start(self.logger.experiment if env.is_zero else None, fresh=self._fresh)
 
     def train_dataloader(self):
         return self.train_batches  # Lightning calls .sampler.set_epoch(epoch) on it each epoch
@@ -81,6 +96,10 @@ class NNModule(L.LightningModule):
         total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg.data, self.trainer.world_size)
         scheduler = build_scheduler(self.cfg.optim, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # resuming mid-epoch, Lightning skips on_train_epoch_start: count the epoch's earlier training time
+        self._started = time.perf_counter() - self._resumed.get("epoch_train_s", 0.0)
 
     def on_train_epoch_start(self) -> None:
         self._started = time.perf_counter()
@@ -121,19 +140,76 @@ class NNModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, ckpt: dict) -> None:
-        ckpt["distmnist"] = self.run.meta(epoch=self.current_epoch, global_step=self.trainer.global_step)
+        """Runs on every rank inside trainer.save_checkpoint (so the tally reduction is a proper collective)."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        in_epoch = progress.processed if progress.processed < len(self.train_batches) else 0
+        ckpt["distmnist"] = self.run.meta(
+            epoch=self.current_epoch + (0 if in_epoch else 1),
+            step_in_epoch=in_epoch,
+            global_step=self.trainer.global_step,
+            epoch_train_s=time.perf_counter() - self._started if in_epoch else 0.0,
+            tally=self.tally.state(),
+        )
 
     def on_load_checkpoint(self, ckpt: dict) -> None:
-        self.run.restore(ckpt["distmnist"])
+        """Lightning prefetches a batch, so the loader cannot know how far training got: the checkpoint says."""
+        meta = ckpt["distmnist"]
+        self.run.restore(meta)
+        self._resumed = meta
+        if meta.get("step_in_epoch"):
+            # before Lightning creates the epoch's iterator (FitLoop.setup_data), so both loaders start right there
+            self.train_batches.set_epoch(meta["epoch"])
+            self.train_batches.skip(meta["step_in_epoch"])
+            self.tally.restore(meta.get("tally"), self.global_rank == 0)
+
+
+class RunCheckpoints(Callback):
+    """One checkpoint policy for the three strategies: end of epoch, every checkpoint.every_n_steps steps, and at
+    the step boundary the ranks agree on after a SIGTERM/SIGUSR1; `checkpoint.keep` newest kept."""
+
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.cfg = run, run.cfg
+        self.stop = StopRequest()
+
+    def save(self, trainer: L.Trainer) -> str:
+        path = checkpoint.step_path(self.run.ckpt_dir, trainer.global_step)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            checkpoint.prune(self.run.ckpt_dir, self.cfg.checkpoint.keep)
+        return str(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # again after Lightning registered its own SIGTERM handler (which would raise at the next step without a
+        # checkpoint); installed before fit too, so that Lightning's teardown restores ours, not the default
+        self.stop.install()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if batch_idx + 1 == len(pl_module.train_batches):
+            return  # the end-of-epoch checkpoint follows the evaluation
+        signum = self.stop.agreed(pl_module.device) if step % self.cfg.checkpoint.stop_check_every_n_steps == 0 else 0
+        every = self.cfg.checkpoint.every_n_steps
+        if signum or (every and step % every == 0):
+            path = self.save(trainer)
+            if signum:  # every rank raises at this same step; Lightning tears down and re-raises
+                raise Stopped(
+                    f"stopped by {signal_name(signum)} at step {step} (epoch {trainer.current_epoch + 1}); "
+                    f"checkpoint {path}; run the same command again to resume"
+                )
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if pl_module.fitting():
+            self.save(trainer)
+
 
 
 def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)
     check_precision(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
-    run.prepare()
-    found = run.newest_checkpoint()
-    logger = TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
+    found = run.prepare()
+    logger = RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
+    checkpoints = RunCheckpoints(run)
     strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto"
     trainer = L.Trainer(
         accelerator=env.device.type,
@@ -143,17 +219,8 @@ def train(cfg: Config) -> dict:
         precision=cfg.train.precision,
         max_epochs=cfg.train.epochs,
         logger=logger,
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=run.ckpt_dir,
-                filename="step={step:08d}",
-                auto_insert_metric_name=False,
-                monitor="step",
-                mode="max",
-                save_top_k=cfg.checkpoint.keep,
-                every_n_epochs=1,
-            )
-        ],
+        callbacks=[checkpoints],
+        enable_checkpointing=False,  # RunCheckpoints writes them
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
@@ -162,16 +229,15 @@ def train(cfg: Config) -> dict:
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=str(run.path),
     )
-    module = NNModule(cfg, run)
-    if trainer.is_global_zero:
-        run.open_tb(logger.experiment)
-        if found is None:
-            run.tb.hparams({**config.flat_dict(cfg), "strategy": NAME, "world_size": env.world_size})
+    module = NNModule(cfg, run, fresh=found is None)
     ckpt_path = str(found[0]) if found else None
     if ckpt_path and trainer.is_global_zero:
         print(f"[{NAME}] resuming from {ckpt_path}", flush=True)
+    checkpoints.stop.install()
     try:
-        trainer.fit(module, ckpt_path=ckpt_path)
+        with run.removed_if_refused():
+            trainer.fit(module, ckpt_path=ckpt_path)
+        checkpoints.stop.uninstall()  # left in place if training stops: a late SIGTERM must not kill the exit
         summary = run.finish(module.model, trainer.global_step)
         dist.barrier()
     finally:

@@ -1,0 +1,266 @@
+"""Faults, for real: SIGTERM/SIGUSR1 mid-epoch, kill -9 of a rank under torchrun --max-restarts, a stalled
+rank, damaged and foreign checkpoints. Nothing is lost and the final weights equal an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
+
+from distmnist import checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+STRATEGIES = ("ddp", "trainer", "fabric")
+# 2 ranks x 32: 188 steps per epoch; a checkpoint every 20 steps gives the test a moment to strike mid-epoch
+FAULT = ("-c", "smoke", "data.train_samples=12000", "train.epochs=2", "checkpoint.every_n_steps=20",
+         "dist.timeout_s=30")
+STEPS_PER_EPOCH = 188
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run. The three strategies give bit-identical weights (test_distributed), so raw DDP's
+    run is the reference for all of them."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ok(torchrun("distmnist.ddp", *FAULT, f"run.dir={tmp / 'run'}", cwd=tmp))
+    return tmp / "run"
+
+
+def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = ()) -> subprocess.Popen:
+    log = open(tmp / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra),
+        cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def log_of(tmp: Path, run_dir: Path) -> str:
+    return (tmp / f"{run_dir.name}.log").read_text()
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = checkpoint.listing(run_dir / "checkpoints")
+        if found:
+            return found[0]
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (read from their environment)."""
+    out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in map(int, out):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    assert len(ranks) == 2, ranks
+    return ranks
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert same_weights(weights(run_dir), weights(reference))
+    got, ref = metrics(run_dir), metrics(reference)
+    assert [h["epoch"] for h in got["history"]] == [1, 2]
+    assert got["val_acc"] == ref["val_acc"] and got["val_loss"] == ref["val_loss"]
+    for mine, theirs in zip(got["history"], ref["history"], strict=True):
+        # the interrupted epoch's training loss is summed in another order: equal to float64 rounding
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-12)
+        assert mine["train_acc"] == theirs["train_acc"]
+
+
+SIGNALS = {"ddp": signal.SIGTERM, "trainer": signal.SIGUSR1, "fabric": signal.SIGTERM}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference, tmp_path, strategy):
+    """What SLURM does before preemption: signal every training process. Each rank stops at the same step,
+    one checkpoint is written, each exits 75; the same command then finishes the run as if nothing happened."""
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, strategy, run_dir)
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        for pid in worker_pids(proc).values():
+            os.kill(pid, SIGNALS[strategy])
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    out = log_of(tmp_path, run_dir)
+    assert proc.returncode != 0
+    assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == 2, out[-3000:]  # both ranks: the distinct code
+    stopped = re.findall(rf"distmnist: stopped by {SIGNALS[strategy].name} at step (\d+)", out)
+    assert len(stopped) == 1, out[-3000:]  # rank 0 alone says it
+    newest = checkpoint.listing(run_dir / "checkpoints")[0]
+    meta = checkpoint.read(newest)["distmnist"]
+    assert meta["global_step"] == int(stopped[0])
+    assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # mid-epoch
+    assert not (run_dir / "model.pt").exists()
+
+    again = ok(torchrun(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
+    assert "resuming from" in again.stdout
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        os.kill(worker_pids(proc)[1], signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    out = log_of(tmp_path, run_dir)
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming from" in out
+    assert_same_run(run_dir, reference)
+
+
+def test_stalled_rank_fails_the_job_after_the_timeout_with_a_clear_line(tmp_path):
+    """Rank 1 frozen (SIGSTOP): rank 0's next collective gives up after dist.timeout_s, says so in one line."""
+    run_dir = tmp_path / "run"
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        torchrun_cmd("distmnist.ddp", *FAULT[:-1], "dist.timeout_s=5", f"run.dir={run_dir}"),
+        cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    frozen = None
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        frozen = worker_pids(proc)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        deadline = stopped_at + 90
+        while "lost its peers" not in (tmp_path / "run.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped_at
+        os.kill(frozen, signal.SIGCONT)
+        proc.wait(timeout=120)
+    finally:
+        if frozen:
+            try:
+                os.kill(frozen, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+    out = (tmp_path / "run.log").read_text()
+    lines = [ln for ln in out.splitlines() if "lost its peers" in ln]
+    assert lines and lines[0].startswith("distmnist: error: rank 0 lost its peers"), out[-3000:]
+    assert 4 < waited < 60, waited  # the 5 s process-group timeout, not forever
+    assert proc.returncode != 0
+
+
+# ------------------------------------------------------------------------ damaged and foreign files
+def smoke_run(tmp: Path, run_dir: Path, *overrides: str, strategy: str = "ddp") -> subprocess.CompletedProcess:
+    return run_module(f"distmnist.{strategy}", "-c", "smoke", f"run.dir={run_dir}", *overrides, cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 2-epoch single-process run with checkpoints at steps 64 and 128."""
+    tmp = tmp_path_factory.mktemp("finished")
+    ok(smoke_run(tmp, tmp / "run"))
+    assert [p.name for p in checkpoint.listing(tmp / "run" / "checkpoints")] == [
+        "step=00000128.ckpt", "step=00000064.ckpt"]
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(finished, tmp_path, damage):
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(run_dir)], check=True)
+    newest = run_dir / "checkpoints" / "step=00000128.ckpt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    proc = ok(smoke_run(tmp_path, run_dir))
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("distmnist: warning")]
+    assert len(warnings) == 1 and "step=00000128.ckpt" in warnings[0], proc.stderr
+    assert "resuming from" in proc.stdout and "step=00000064.ckpt" in proc.stdout
+    # epoch 2 was trained again from the good checkpoint: the same weights as the first time
+    assert same_weights(weights(run_dir), weights(finished))
+    assert checkpoint.read(newest)["distmnist"]["global_step"] == 128  # a good file again
+
+
+def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (("optim.lr=0.1",), ("optim.lr", "0.05", "0.1")),
+        (("model.hidden=[64]",), ("model.hidden",)),
+        (("seed=1",), ("seed",)),
+    ],
+)
+def test_other_config_is_refused_and_nothing_is_overwritten(finished, overrides, words, tmp_path):
+    before = snapshot(finished)
+    refused(smoke_run(tmp_path, finished, *overrides), "another config", *words)
+    assert snapshot(finished) == before
+
+
+def test_run_dir_of_another_strategy_is_refused(finished, tmp_path):
+    before = snapshot(finished)
+    refused(smoke_run(tmp_path, finished, strategy="fabric"), "belongs to a ddp run")
+    assert snapshot(finished) == before
+
+
+def test_checkpoint_with_weights_of_another_shape_is_refused_not_loaded(finished, tmp_path):
+    """Meta data that claims this config over weights that do not fit: refused by the shape check."""
+    run_dir = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(run_dir)], check=True)
+    newest = run_dir / "checkpoints" / "step=00000128.ckpt"
+    obj = torch.load(newest, weights_only=False)
+    obj["model"] = {k: torch.zeros(64, 784) if k.endswith("0.weight") else v for k, v in obj["model"].items()}
+    torch.save(obj, newest)
+    refused(smoke_run(tmp_path, run_dir), "step=00000128.ckpt", "layer shapes")
+
+
+def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
+    """No launcher: the process itself exits with the distinct code."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distmnist.fabric", *FAULT, f"run.dir={run_dir}"],
+        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    ok(run_module("distmnist.fabric", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
+    assert metrics(run_dir)["epochs"] == 2

@@ -18,7 +18,8 @@ from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cm
 
 from distmnist import checkpoint
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
+slow = pytest.mark.slow
 
 STRATEGIES = ("ddp", "trainer", "fabric")
 # 2 ranks x 32: 188 steps per epoch; a checkpoint every 20 steps gives the test a moment to strike mid-epoch
@@ -93,6 +94,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 SIGNALS = {"ddp": signal.SIGTERM, "trainer": signal.SIGUSR1, "fabric": signal.SIGTERM}
 
 
+@slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference, tmp_path, strategy):
     """What SLURM does before preemption: signal every training process. Each rank stops at the same step,
@@ -122,6 +124,7 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
     assert_same_run(run_dir, reference)
 
 
+@slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
     run_dir = tmp_path / "run"
@@ -138,6 +141,7 @@ def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(refer
     assert_same_run(run_dir, reference)
 
 
+@slow
 def test_stalled_rank_fails_the_job_after_the_timeout_with_a_clear_line(tmp_path):
     """Rank 1 frozen (SIGSTOP): rank 0's next collective gives up after dist.timeout_s, says so in one line."""
     run_dir = tmp_path / "run"
@@ -187,6 +191,7 @@ def finished(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(finished, tmp_path, damage):
     run_dir = tmp_path / "run"
@@ -216,6 +221,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
+@slow
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
@@ -230,12 +236,14 @@ def test_other_config_is_refused_and_nothing_is_overwritten(finished, overrides,
     assert snapshot(finished) == before
 
 
+@slow
 def test_run_dir_of_another_strategy_is_refused(finished, tmp_path):
     before = snapshot(finished)
     refused(smoke_run(tmp_path, finished, strategy="fabric"), "belongs to a ddp run")
     assert snapshot(finished) == before
 
 
+@slow
 def test_checkpoint_with_weights_of_another_shape_is_refused_not_loaded(finished, tmp_path):
     """Meta data that claims this config over weights that do not fit: refused by the shape check."""
     run_dir = tmp_path / "run"
@@ -247,6 +255,7 @@ def test_checkpoint_with_weights_of_another_shape_is_refused_not_loaded(finished
     refused(smoke_run(tmp_path, run_dir), "step=00000128.ckpt", "layer shapes")
 
 
+@slow
 def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
     """No launcher: the process itself exits with the distinct code."""
     run_dir = tmp_path / "run"
@@ -264,3 +273,27 @@ def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
     assert "stopped by SIGTERM" in err
     ok(run_module("distmnist.fabric", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
     assert metrics(run_dir)["epochs"] == 2
+
+
+@pytest.mark.timeout(120)
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """A write that hits the file-size limit (as a full disk would) fails with one clear line; the file that
+    was there before is untouched and no temporary file is left."""
+    target = tmp_path / "step=00000010.ckpt"
+    target.write_bytes(b"the good old checkpoint")
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from distmnist import checkpoint\n"
+        "from distmnist.errors import DistMnistError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        f"    checkpoint.atomic_torch_save({{'w': torch.zeros(1 << 20)}}, {str(target)!r})\n"
+        "except DistMnistError as err:\n"
+        "    print(err); sys.exit(2)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot write" in proc.stdout and "intact" in proc.stdout and "Traceback" not in proc.stderr
+    assert target.read_bytes() == b"the good old checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -40,8 +40,11 @@ def atomic_open(path: str | Path):
     """A binary file that appears at `path` only when the block ends without error: written to a temporary
     name in the same folder, fsynced, given the usual mode (0666 minus the umask), then renamed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise DistMnistError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -49,9 +52,14 @@ def atomic_open(path: str | Path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota: the previous file stays as it was
+        _unlink_quietly(tmp)
+        raise DistMnistError(
+            f"cannot write {path} ({err.strerror or err}); the previous version of it is intact -- free space "
+            f"and run the same command again"
+        ) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -59,6 +67,13 @@ def atomic_open(path: str | Path):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    except OSError:
+        pass
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
     except OSError:
         pass
 

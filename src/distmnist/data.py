@@ -76,6 +76,8 @@ def parse_idx(raw: bytes, source: str = "IDX data") -> torch.Tensor:
         raise DistMnistError(
             f"{source} is {what}: {len(raw)} bytes, header {list(dims)} needs {expected}; fetch the file again"
         )
+    if expected == header:  # a valid, empty array (torch.frombuffer refuses an empty buffer)
+        return torch.empty(dims, dtype=torch.uint8)
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
 
 

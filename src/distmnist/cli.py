@@ -3,6 +3,7 @@
     distmnist train --strategy ddp -c configs/fashion.yaml optim.lr=0.1
     distmnist evaluate --model runs/ddp/model.pt [-c CONFIG] [key=value ...]
     distmnist data prepare --name fashion-mnist --from /usr/share/datasets/fashion-mnist [--root data]
+    distmnist bench [--help]                      # the strategies against the tutorial loops, one table
 
 `python -m distmnist.ddp|trainer|fabric [-c CONFIG] [key=value ...]` take the same config arguments.
 """
@@ -64,6 +65,8 @@ def build_parser() -> Parser:
     e.add_argument("--out", help="where to write the JSON result (default: <model dir>/eval.json)")
     add_config_args(e)
 
+    sub.add_parser("bench", help="speed of the strategies against the tutorial loops (distmnist bench --help)")
+
     d = sub.add_parser("data", help="data set files")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     prep = dsub.add_parser("prepare", help="copy and check the four IDX files where torchvision expects them")
@@ -75,6 +78,11 @@ def build_parser() -> Parser:
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from distmnist.bench import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "train":
         train_with(args.strategy, load_config(args.config, args.overrides))

@@ -65,6 +65,7 @@ class TrainConfig:
     accelerator: str = "auto"
     log_every_n_steps: int = 50
     progress: bool = True  # progress bar on rank 0
+    cuda_graphs: bool = True  # raw DDP and Fabric on one CUDA device: replay the step from a CUDA graph
 
 
 @dataclass

@@ -38,15 +38,16 @@ def train(cfg: Config) -> dict:
         if env.world_size > 1:
             net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
-        def train_step(x, y):
+        def forward_backward(x, y):
             with autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            return logits, loss
+
+        def optimizer_step():
             scaler.step(optimizer)
             scaler.update()
-            return logits, loss
 
         def save(path, state):
             if env.is_zero:
@@ -59,7 +60,8 @@ def train(cfg: Config) -> dict:
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
-            train_step=train_step,
+            forward_backward=forward_backward,
+            optimizer_step=optimizer_step,
             autocast=autocast,
             state={"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
             save=save,

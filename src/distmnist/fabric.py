@@ -47,13 +47,11 @@ def train(cfg: Config) -> dict:
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * data.steps_per_epoch(cfg.data, env.world_size))
         net, optimizer = fabric.setup(model, optimizer)  # moves `model` to the device, wraps it in DDP
 
-        def train_step(x, y):
+        def forward_backward(x, y):
             with fabric.autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
-            optimizer.step()
             return logits, loss
 
         state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
@@ -66,7 +64,8 @@ def train(cfg: Config) -> dict:
             model=model,
             optimizer=optimizer,
             scheduler=scheduler,
-            train_step=train_step,
+            forward_backward=forward_backward,
+            optimizer_step=optimizer.step,
             autocast=fabric.autocast,
             state=state,
             save=fabric.save,

@@ -1,7 +1,7 @@
 """The training loop shared by raw DDP and Fabric: epochs, steps, evaluation, logging, checkpoints, resume.
 
-A strategy file builds a :class:`Strategy` -- how to take one optimizer step, how to save and load its
-state -- and calls :func:`fit`. Everything else (data order, metrics, TensorBoard, checkpoints, outputs) is
+A strategy file builds a :class:`Strategy` -- its forward/backward and optimizer step (composed by
+``steps.StepRunner``, eagerly or from a CUDA graph), how to save and load its state -- and calls :func:`fit`. Everything else (data order, metrics, TensorBoard, checkpoints, outputs) is
 the same code for both, so their arithmetic is the same; the Lightning Trainer reuses the same pieces
 through its hooks (``trainer.py``).
 """
@@ -24,6 +24,7 @@ from distmnist.config import Config
 from distmnist.errors import Stopped
 from distmnist.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.rundir import RunDir
+from distmnist.steps import StepRunner
 from distmnist.stopping import StopRequest, signal_name
 
 
@@ -34,7 +35,8 @@ class Strategy:
     model: nn.Module  # the plain NNModel: evaluated and saved as model.pt
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler  # stepped after every optimizer step
-    train_step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> logits, loss
+    forward_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # -> logits, loss
+    optimizer_step: Callable[[], None]
     autocast: Callable[[], AbstractContextManager]
     state: dict[str, Any]  # the stateful objects a checkpoint holds (model, optimizer, scheduler, scaler)
     save: Callable[[Path, dict[str, Any]], None]  # called on every rank; writes on rank 0
@@ -89,6 +91,10 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     eval_batches = data.eval_batches(cfg, env)
     metrics = EvalMetrics().to(env.device)
     tally = TrainTally(env.device)
+    capture = cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1
+    params = [p for group in s.optimizer.param_groups for p in group["params"]]
+    train_step = StepRunner(s.forward_backward, s.optimizer_step,
+                            lambda to_none: s.optimizer.zero_grad(set_to_none=to_none), params, tally, capture)
 
     pos = resume_point(run, s, found)
     global_step, skip = pos["global_step"], pos["step_in_epoch"]
@@ -105,8 +111,7 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
         started = time.perf_counter() - (pos.get("epoch_train_s", 0.0) if skip else 0.0)
         for step_in_epoch, (x, y) in enumerate(train_batches, start=skip + 1):
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            logits, loss = s.train_step(x, y)
-            tally.update(logits, y, loss)
+            loss = train_step(x, y)
             global_step += 1
             if global_step % log_every == 0:
                 value = run.log_step(global_step, loss, s.optimizer.param_groups[0]["lr"])

@@ -23,7 +23,7 @@ from datetime import timedelta
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
@@ -173,7 +173,7 @@ class RunCheckpoints(Callback):
 
     def save(self, trainer: L.Trainer) -> str:
         path = checkpoint.step_path(self.run.ckpt_dir, trainer.global_step)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)
         if trainer.is_global_zero:
             checkpoint.prune(self.run.ckpt_dir, self.cfg.checkpoint.keep)
         return str(path)
@@ -219,7 +219,8 @@ def train(cfg: Config) -> dict:
         precision=cfg.train.precision,
         max_epochs=cfg.train.epochs,
         logger=logger,
-        callbacks=[checkpoints],
+        # a bar redrawn every 20 steps, not every step: the per-step Python cost of the default shows on a GPU
+        callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=20)] if cfg.train.progress else [])],
         enable_checkpointing=False,  # RunCheckpoints writes them
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
         use_distributed_sampler=False,

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Train on this machine with torchrun: one process per visible GPU, or 2 CPU processes (gloo) without GPUs.
+#
+#   launch/single_node.sh [--strategy ddp|trainer|fabric] [--nproc N] [-- config args]
+#
+#   launch/single_node.sh                                   # ddp, configs/default.yaml, all visible GPUs
+#   launch/single_node.sh --strategy fabric -- -c fashion optim.lr=0.1
+#   launch/single_node.sh --nproc 4 -- -c smoke run.dir=runs/smoke4
+#   CUDA_VISIBLE_DEVICES=2,3 launch/single_node.sh --strategy trainer -- -c fashion
+#
+# --strategy  ddp (default), trainer or fabric: `python -m distmnist.<strategy>` under torchrun
+# --nproc     processes; default: the number of visible GPUs (CUDA_VISIBLE_DEVICES if set, else
+#             `nvidia-smi -L`), or 2 on a machine without GPUs (then give train.accelerator=cpu or auto)
+# --          everything after it goes to distmnist unchanged: [-c CONFIG] [section.key=value ...]
+#             (the -- may be left out when the config args start with -c or key=value)
+#
+# Several launches can share a machine: each uses `torchrun --standalone`, whose rendezvous store binds a port
+# the kernel picks (no port to choose, no race between two jobs). OMP_NUM_THREADS defaults to the CPU
+# cores divided by the processes. SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) is passed to torchrun as one SIGTERM:
+# every process checkpoints at the next agreed step boundary and stops; run the same command again to resume.
+# Exit code: torchrun's (0 done, 1 a process failed, 2 bad arguments to this script), or 128+signal after
+# a forwarded signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+set -uo pipefail
+
+prog="single_node.sh"
+usage() { sed -n '2,/^set -/{/^set -/!p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+die() { echo "$prog: error: $* (see $prog --help)" >&2; exit 2; }
+
+strategy="ddp"
+nproc=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --strategy) [ $# -ge 2 ] || die "--strategy needs a value"; strategy="$2"; shift 2 ;;
+        --strategy=*) strategy="${1#*=}"; shift ;;
+        --nproc | --nproc-per-node | --nproc_per_node)
+            [ $# -ge 2 ] || die "$1 needs a value"; nproc="$2"; shift 2 ;;
+        --nproc=* | --nproc-per-node=* | --nproc_per_node=*) nproc="${1#*=}"; shift ;;
+        --) shift; break ;;
+        -c | --config | --config=* | *=*) break ;; # config args without the --: fine too
+        *) die "unknown option '$1' (config args go after --)" ;;
+    esac
+done
+case "$strategy" in
+    ddp | trainer | fabric) ;;
+    *) die "unknown strategy '$strategy': choose ddp, trainer or fabric" ;;
+esac
+
+visible_gpus() { # number of GPUs this process may use
+    if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+        local list="${CUDA_VISIBLE_DEVICES// /}" n=0 item
+        [ "$list" = "-1" ] && { echo 0; return; }
+        IFS=, read -r -a items <<< "$list"
+        for item in "${items[@]}"; do [ -n "$item" ] && n=$((n + 1)); done
+        echo "$n"
+    elif command -v nvidia-smi > /dev/null 2>&1; then
+        nvidia-smi -L 2> /dev/null | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+gpus="$(visible_gpus)"
+if [ -z "$nproc" ]; then
+    if [ "$gpus" -gt 0 ]; then nproc="$gpus"; else nproc=2; fi
+fi
+[[ "$nproc" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$nproc'"
+
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+    cores="$(nproc 2> /dev/null || echo 1)"
+    OMP_NUM_THREADS=$((cores / nproc))
+    [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
+fi
+export OMP_NUM_THREADS
+# torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
+# connect (pytorch/pytorch#135712): the workers get a store of their own.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export PYTHONUNBUFFERED=1
+
+if [ "$gpus" -gt 0 ]; then device="$gpus GPU(s) visible"; else device="no GPU: CPU with gloo"; fi
+echo "$prog: strategy=$strategy processes=$nproc ($device) OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
+
+stopped_by=0 pid=""
+forward() { # signal name, number
+    [ "$stopped_by" = 0 ] || return 0 # once is enough; torchrun is already stopping its workers
+    stopped_by=$2
+    echo "$prog: got SIG$1: asking the training processes to checkpoint and stop (SIGTERM to torchrun)" >&2
+    [ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null
+}
+trap 'forward INT 2' INT
+trap 'forward TERM 15' TERM
+trap 'forward USR1 10' USR1
+
+# torchrun runs in a process group of its own (job control), so a Ctrl-C at the terminal reaches only this
+# script, which turns it into one SIGTERM for torchrun -- and torchrun forwards SIGTERM to its workers,
+# which checkpoint and exit 75. (A SIGINT straight to the workers would raise KeyboardInterrupt mid-step.)
+# torchrun starts with SIGUSR1 ignored: it would die of it, leaving its workers without a checkpoint.
+set -m
+(
+    trap '' USR1
+    exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$nproc" \
+        --max_restarts=0 -m "distmnist.$strategy" "$@"
+) &
+pid=$!
+set +m
+[ "$stopped_by" = 0 ] || kill -TERM "$pid" 2> /dev/null
+
+while :; do
+    wait "$pid"
+    rc=$?
+    # `wait` also returns when a trapped signal arrives: go on waiting while torchrun runs
+    kill -0 "$pid" 2> /dev/null || break
+done
+if [ "$stopped_by" != 0 ]; then
+    echo "$prog: stopped (torchrun exit $rc); run the same command again to resume from the checkpoint" >&2
+    exit $((128 + stopped_by))
+fi
+exit "$rc"

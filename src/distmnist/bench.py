@@ -1,0 +1,300 @@
+"""Side-by-side speed of the three strategies against the classic tutorial loops, on the same data, batch size,
+precision and recipe.
+
+    distmnist bench                                  # Fashion-MNIST, batch 64, fp32, 1 epoch, 1 process
+    distmnist bench --accelerator cuda --precision bf16-mixed
+    distmnist bench --world-size 2 --strategies ddp,fabric --loaders resident
+    distmnist bench --time-to-acc 0.88 -c fast --world-size 2     # seconds until val_acc first reaches 88%
+
+Rows:
+* ``tutorial``: the PyTorch quickstart loop -- torchvision dataset + ``ToTensor`` + ``DataLoader`` (no workers),
+  forward / loss / backward / step / zero_grad, ``loss.item()`` every 100 batches; the baseline of the ratios;
+* ``tutorial-lightning``: the Lightning introduction -- a LightningModule with ``self.log`` of the loss every step,
+  the same DataLoader, a default ``Trainer`` (progress bar, logger, checkpointing);
+* each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several).
+
+Every run trains ``--warmup-epochs`` (default 1) more epochs than ``--epochs``; the warm-up epochs (CUDA and
+allocator initialisation, graph capture, DataLoader start) are excluded from s/epoch and samples/s. The recipe
+(optimizer, lr, ...) is the config's (default: configs/seed.yaml, the tutorial's own) for every row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from distmnist import data
+from distmnist.config import STRATEGIES, Config, load_config
+from distmnist.dist import pick_device
+from distmnist.errors import DistMnistError, report_errors
+from distmnist.model import build_model, build_optimizer
+
+COLUMNS = ("row", "strategy", "loader", "world_size", "precision", "device", "s_per_epoch", "samples_per_sec",
+           "x_tutorial", "x_tutorial_lightning", "val_acc")
+
+
+# ------------------------------------------------------------------------------------------- baselines
+def tutorial_dataset(cfg: Config, train: bool):
+    """torchvision's dataset with ToTensor, as in the tutorials (synthetic data through the same per-sample path)."""
+    from torchvision.transforms import ToTensor
+
+    if cfg.data.name == "synthetic":
+        return data.ImageSet(*data.load_split(cfg.data, train))
+    ds = data._torchvision_class(cfg.data.name)(cfg.data.root, train=train, download=False, transform=ToTensor())
+    limit = cfg.data.train_samples if train else cfg.data.test_samples
+    return torch.utils.data.Subset(ds, range(limit)) if limit else ds
+
+
+def run_tutorial(cfg: Config, epochs: int, warmup: int) -> dict:
+    """The PyTorch quickstart loop, verbatim in structure (model: the package's NNModel, recipe: the config's)."""
+    device = pick_device(cfg.train.accelerator)
+    train_loader = torch.utils.data.DataLoader(tutorial_dataset(cfg, True), batch_size=cfg.data.batch_size)
+    test_loader = torch.utils.data.DataLoader(tutorial_dataset(cfg, False), batch_size=cfg.data.batch_size)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model.hidden, cfg.seed).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(cfg.train.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "16-mixed")
+    times = []
+    for _ in range(warmup + epochs):
+        model.train()
+        started = time.perf_counter()
+        for batch, (X, y) in enumerate(train_loader):
+            X, y = X.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                pred = model(X)
+                loss = loss_fn(pred, y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad()
+            if batch % 100 == 0:
+                loss = loss.item()  # the tutorial prints it
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for X, y in test_loader:
+            X, y = X.to(device), y.to(device)
+            correct += (model(X).argmax(1) == y).type(torch.float).sum().item()
+            total += len(y)
+    return {"times": times[warmup:], "samples": len(train_loader.dataset), "val_acc": correct / total,
+            "device": device.type}
+
+
+def run_tutorial_lightning(cfg: Config, epochs: int, warmup: int) -> dict:
+    """The Lightning introduction: LightningModule + self.log every step + default Trainer."""
+    import lightning as L
+
+    device = pick_device(cfg.train.accelerator)
+
+    class LitModel(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = build_model(cfg.model.hidden, cfg.seed)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.model(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_acc", (self.model(x).argmax(1) == y).float().mean())
+
+        def configure_optimizers(self):
+            return build_optimizer(cfg.optim, self.parameters())
+
+    class EpochTimer(L.Callback):
+        def __init__(self):
+            self.times = []
+
+        def on_train_epoch_start(self, trainer, module):
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, module):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = EpochTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = L.Trainer(max_epochs=warmup + epochs, accelerator=device.type, devices=1,
+                            precision=cfg.train.precision, callbacks=[timer], default_root_dir=tmp,
+                            num_sanity_val_steps=0, enable_model_summary=False)
+        train_loader = torch.utils.data.DataLoader(tutorial_dataset(cfg, True), batch_size=cfg.data.batch_size)
+        test_loader = torch.utils.data.DataLoader(tutorial_dataset(cfg, False), batch_size=cfg.data.batch_size)
+        trainer.fit(LitModel(), train_loader, test_loader)
+    return {"times": timer.times[warmup:], "samples": len(train_loader.dataset),
+            "val_acc": float(trainer.callback_metrics["val_acc"]), "device": device.type}
+
+
+# ------------------------------------------------------------------------------------------ strategies
+def run_strategy(strategy: str, cfg_args: list[str], world_size: int, run_dir: Path, timeout: float) -> dict:
+    """One strategy as real processes; its metrics.json history gives the epoch times."""
+    args = ["-m", f"distmnist.{strategy}", *cfg_args, f"run.dir={run_dir}"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    cmd = [sys.executable, *(launcher if world_size > 1 else []), *args]
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if world_size > 1 else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DistMnistError(f"bench: {strategy} failed (exit {proc.returncode}): {tail}")
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def strategy_row(metrics: dict, warmup: int) -> dict:
+    timed = metrics["history"][warmup:]
+    seconds = sum(h["epoch_s"] for h in timed) / len(timed)
+    samples = sum(h["train_samples"] for h in timed) / len(timed)
+    return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "val_acc": metrics["val_acc"],
+            "device": metrics["device"]}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def parse_args(argv: list[str] | None):
+    from distmnist.cli import Parser
+
+    p = Parser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", default="seed", help="recipe for every row (default: seed, the tutorial's)")
+    p.add_argument("--data", default="fashion-mnist", help="mnist | fashion-mnist | synthetic")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (default 1)")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--strategies", default=",".join(STRATEGIES))
+    p.add_argument("--loaders", default="resident,dataloader")
+    p.add_argument("--baselines", default="tutorial,tutorial-lightning")
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--time-to-acc", type=float, help="report seconds until val_acc first reaches this")
+    p.add_argument("--out", default="bench", help="folder for bench.json and bench.csv (default: bench/)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def bench_config(args) -> tuple[Config, list[str]]:
+    overrides = [f"data.name={args.data}", f"data.root={args.data_root}", f"data.batch_size={args.batch_size}",
+                 f"train.precision={args.precision}", f"train.accelerator={args.accelerator}",
+                 "train.progress=true", *args.overrides]
+    if args.time_to_acc is None:
+        overrides.append(f"train.epochs={args.epochs + args.warmup_epochs}")
+    cfg = load_config(args.config, overrides)
+    return cfg, ["-c", args.config, *overrides]
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["row", "world", "precision", "device", "s/epoch", "samples/s", "x tutorial", "x tut-Lightning", "val_acc"]
+    lines = [head]
+    for r in rows:
+        lines.append([
+            r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
+            f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
+            f"{r['val_acc']:.4f}",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+           for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _ratio(x: float | None) -> str:
+    return "" if x is None or math.isnan(x) else f"{x:.2f}x"
+
+
+def time_to_accuracy(args, cfg_args: list[str], out: Path) -> list[dict]:
+    rows = []
+    for strategy in args.strategies.split(","):
+        metrics = run_strategy(strategy, cfg_args, args.world_size, out / f"tta-{strategy}", args.timeout)
+        hit = next((h for h in metrics["history"] if h["val_acc"] >= args.time_to_acc), None)
+        rows.append({
+            "strategy": strategy, "world_size": args.world_size, "target": args.time_to_acc,
+            "epochs": hit["epoch"] if hit else None, "train_s": sum(
+                h["epoch_s"] for h in metrics["history"][: hit["epoch"]]) if hit else None,
+            "wall_s": hit["wall_s"] if hit else None, "final_val_acc": metrics["val_acc"],
+        })
+    print(f"time to val_acc >= {args.time_to_acc} ({args.world_size} processes, config {args.config}; wall_s counts "
+          f"training and the evaluation after each epoch, from the first step)")
+    for r in rows:
+        if r["epochs"] is None:
+            print(f"  {r['strategy']:8s} not reached (final val_acc {r['final_val_acc']:.4f})")
+        else:
+            print(f"  {r['strategy']:8s} {r['wall_s']:7.2f} s wall ({r['train_s']:.2f} s training) at epoch "
+                  f"{r['epochs']}, final val_acc {r['final_val_acc']:.4f}")
+    return rows
+
+
+@report_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg, cfg_args = bench_config(args)
+    if cfg.data.name != "synthetic":
+        from distmnist.dist import read_env
+
+        data.ensure_available(cfg.data, read_env("cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.time_to_acc is not None:
+        rows = time_to_accuracy(args, cfg_args, out)
+        (out / "time_to_acc.json").write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+
+    rows: list[dict] = []
+    common = {"precision": cfg.train.precision}
+    baselines = {"tutorial": run_tutorial, "tutorial-lightning": run_tutorial_lightning}
+    for name in filter(None, args.baselines.split(",")):
+        if name not in baselines:
+            raise DistMnistError(f"bench: unknown baseline {name!r}; choose from {', '.join(baselines)}")
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        with redirect_stdout(io.StringIO()):
+            result = baselines[name](cfg, args.epochs, args.warmup_epochs)
+        seconds = sum(result["times"]) / len(result["times"])
+        rows.append({"row": name, "strategy": name, "loader": "torchvision", "world_size": 1, **common,
+                     "device": result["device"], "s_per_epoch": seconds,
+                     "samples_per_sec": result["samples"] / seconds, "val_acc": result["val_acc"]})
+    with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
+        for strategy in filter(None, args.strategies.split(",")):
+            for loader in filter(None, args.loaders.split(",")):
+                print(f"bench: {strategy} {loader} ...", file=sys.stderr, flush=True)
+                metrics = run_strategy(strategy, [*cfg_args, f"data.loader={loader}"], args.world_size,
+                                       Path(tmp) / f"{strategy}-{loader}", args.timeout)
+                rows.append({"row": f"{strategy}/{loader}", "strategy": strategy, "loader": loader,
+                             "world_size": args.world_size, **common, **strategy_row(metrics, args.warmup_epochs)})
+    base = {r["row"]: r["samples_per_sec"] for r in rows if r["row"] in baselines}
+    for r in rows:
+        r["x_tutorial"] = r["samples_per_sec"] / base["tutorial"] if "tutorial" in base else None
+        r["x_tutorial_lightning"] = (r["samples_per_sec"] / base["tutorial-lightning"]
+                                     if "tutorial-lightning" in base else None)
+    print(f"distmnist bench: {cfg.data.name}, batch {cfg.data.batch_size} per process, {args.epochs} timed epoch(s) "
+          f"after {args.warmup_epochs} warm-up epoch(s) (excluded), recipe {args.config}")
+    print(format_table(rows))
+    (out / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""One optimizer step, eager or replayed from a CUDA graph -- the same arithmetic either way.
+
+A strategy supplies ``forward_backward(x, y) -> (logits, loss)`` (autocast, loss, backward) and
+``optimizer_step()`` (optimizer + GradScaler). :class:`StepRunner` composes them:
+
+* eager: ``zero_grad(set_to_none=True)``, forward/backward, training tally, optimizer step;
+* captured (``train.cuda_graphs``, CUDA, one process): the first ``WARMUP_STEPS`` steps run eagerly on a side
+  stream (lazy CUDA/cuBLAS/optimizer-state initialisation), then forward, loss, backward and the tally update are
+  captured once into a CUDA graph and replayed for every full-size batch. The gradients the graph writes live at
+  fixed addresses, so the optimizer step -- left eager, exactly the code the eager path runs, with the learning
+  rate of the schedule -- reads them as it would after an eager backward. Batches of another size (the short
+  last batch of an epoch) run eagerly.
+
+Capture is not used with several processes: DDP's gradient all-reduce inside a graph needs NCCL, static graphs
+and bucket settings this package does not pin down (see README, Performance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from distmnist.metrics import TrainTally
+
+WARMUP_STEPS = 3
+
+
+class StepRunner:
+    def __init__(
+        self,
+        forward_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        optimizer_step: Callable[[], None],
+        zero_grad: Callable[[bool], None],
+        params: list[torch.Tensor],
+        tally: TrainTally,
+        capture: bool,
+    ) -> None:
+        self.forward_backward, self.optimizer_step, self.zero_grad = forward_backward, optimizer_step, zero_grad
+        self.params = params
+        self.grads: list[torch.Tensor] = []  # the graph's gradient buffers, once captured
+        self.tally = tally
+        self.capture = capture
+        self.steps = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.side: torch.cuda.Stream | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on (x, y); returns the loss tensor (no host synchronisation)."""
+        self.steps += 1
+        if not self.capture:
+            return self._eager(x, y)
+        if self.graph is None and self.steps <= WARMUP_STEPS:
+            return self._warmup(x, y)
+        if self.graph is None:
+            self._capture(x, y)
+        if x.shape != self.x.shape:
+            return self._eager(x, y)
+        self.x.copy_(x, non_blocking=True)
+        self.y.copy_(y, non_blocking=True)
+        self.graph.replay()
+        self.optimizer_step()
+        return self.loss
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # with a graph, its gradient buffers must stay where they are: zeroed in place (0 + g == g exactly)
+        self.zero_grad(self.graph is None)
+        logits, loss = self.forward_backward(x, y)
+        for p, g in zip(self.params, self.grads, strict=False):
+            if p.grad is not g:  # autograd handed over a new tensor: back into the graph's buffer
+                g.copy_(p.grad)
+                p.grad = g
+        self.tally.update(logits, y, loss)
+        self.optimizer_step()
+        return loss
+
+    def _warmup(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            loss = self._eager(x, y)
+        torch.cuda.current_stream().wait_stream(self.side)
+        return loss
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = torch.empty_like(x), torch.empty_like(y)
+        self.zero_grad(True)  # backward inside the capture allocates the gradients in the graph's memory pool
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the DataLoader's pin-memory thread may call CUDA during the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            logits, self.loss = self.forward_backward(self.x, self.y)
+            self.tally.update(logits, self.y, self.loss)
+        self.grads = [p.grad for p in self.params]

@@ -1,0 +1,260 @@
+"""slurm/train.sh under a real one-node SLURM cluster (tests/slurm/start_cluster.sh): the three strategies with
+2 CPU processes (gloo) on synthetic data, a job that requeues itself on SIGUSR1 and resumes bit-identically,
+and mistakes that fail within seconds with one line in the job's log.
+
+Jobs run in tmp_path: their logs (slurm-distmnist-<job id>.out, the script's --output) and run dirs
+(runs/distmnist-<job id>, its default) land there. Job ids restart at 1 with every cluster start.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from procs import REPO, child_env, same_weights, weights
+
+from distmnist import tblog
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TRAIN_SH = REPO / "slurm" / "train.sh"
+SINGLE_NODE = REPO / "launch" / "single_node.sh"
+SMOKE = ("-c", "smoke", "dist.timeout_s=60")
+# the sbatch options of a 2-process CPU job, per strategy (the script's header asks for GPUs and 1 task per node)
+CPU_JOB = {
+    "ddp": ("--gpus-per-node=0", "--cpus-per-task=2"),
+    "fabric": ("--gpus-per-node=0", "--cpus-per-task=2"),
+    "trainer": ("--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"),
+}
+TAGS = {"train/loss", "lr", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"}
+
+
+class Job:
+    """One `sbatch --wait slurm/train.sh ...` running in the background."""
+
+    def __init__(self, cluster, cwd: Path, sbatch_opts=(), args=(), env_extra=None, timeout: float = 180):
+        self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
+        env = cluster.env(child_env(**(env_extra or {})))
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["timeout", str(int(timeout)), "sbatch", "--wait", "--parsable", *sbatch_opts, str(TRAIN_SH), *args],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        first = self.proc.stdout.readline().strip()  # sbatch prints the id at once, then waits
+        if not first:
+            self.proc.wait(timeout=30)
+            pytest.fail(f"sbatch failed (exit {self.proc.returncode}): {self.proc.stderr.read()}")
+        self.id = int(first.split(";")[0])
+        self.rc: int | None = None
+        self.elapsed = 0.0
+
+    @property
+    def log_path(self) -> Path:
+        return self.cwd / f"slurm-distmnist-{self.id}.out"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cwd / "runs" / f"distmnist-{self.id}"
+
+    def wait(self) -> int:
+        if self.rc is None:
+            self.proc.wait(timeout=self.timeout + 30)
+            self.rc = self.proc.returncode
+            self.elapsed = time.monotonic() - self.started
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.rc
+
+    def state(self) -> str:
+        out = subprocess.run(["squeue", "-h", "-j", str(self.id), "-o", "%T"], env=self.cluster.env(),
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip()
+
+    def describe(self) -> str:
+        return f"job {self.id} exit {self.rc} after {self.elapsed:.1f} s; its log:\n{self.log[-6000:]}"
+
+    def cancel(self) -> None:
+        if self.rc is None:
+            subprocess.run(["scancel", str(self.id)], env=self.cluster.env(), capture_output=True, timeout=30)
+            try:
+                self.wait()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------- three strategies
+@pytest.fixture(scope="module")
+def strategy_jobs(slurm_cluster, tmp_path_factory):
+    """One 2-process CPU job per strategy, submitted together (the node runs two at a time).
+    fabric picks its strategy from DISTMNIST_STRATEGY, the others from --strategy."""
+    tmp = tmp_path_factory.mktemp("strategies")
+    jobs = {
+        "ddp": Job(slurm_cluster, tmp, CPU_JOB["ddp"], ("--strategy", "ddp", *SMOKE)),
+        "trainer": Job(slurm_cluster, tmp, CPU_JOB["trainer"], ("--strategy", "trainer", *SMOKE)),
+        "fabric": Job(slurm_cluster, tmp, CPU_JOB["fabric"], SMOKE, env_extra={"DISTMNIST_STRATEGY": "fabric"}),
+    }
+    try:
+        for job in jobs.values():
+            job.wait()
+        yield jobs
+    finally:
+        for job in jobs.values():
+            job.cancel()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp", "trainer", "fabric"])
+def test_sbatch_trains_with_two_cpu_processes(strategy_jobs, strategy):
+    job = strategy_jobs[strategy]
+    print(f"{strategy}: job {job.id} took {job.elapsed:.1f} s (3 jobs submitted together)")
+    assert job.rc == 0, job.describe()
+    log = job.log
+    assert f"strategy={strategy} nodes=1 processes=2 (2 per node, CPU, gloo) run.dir={job.run_dir} restart=0" in log, log
+    m = metrics(job.run_dir)  # the run dir is tied to the job: runs/<job name>-<job id>
+    assert (m["strategy"], m["world_size"], m["num_nodes"], m["epochs"]) == (strategy, 2, 1, 2), m
+    assert m["global_step"] == 64 and m["val_acc"] > 0.9, m
+    assert (job.run_dir / "model.pt").is_file()
+    scalars = tblog.read_scalars(job.run_dir / "tb")
+    assert TAGS <= set(scalars), sorted(scalars)
+    assert [step for step, _ in scalars["val/acc"]] == [32, 64]
+
+
+# ---------------------------------------------------------------------------------------------- requeue + resume
+LONG = ("-c", "smoke", "data.train_samples=40000", "train.epochs=2", "checkpoint.every_n_steps=50", "dist.timeout_s=60")
+LONG_STEPS = 2 * 40000 // 2 // 32  # 1250 optimizer steps
+
+
+@pytest.fixture(scope="module")
+def requeued_jobs(slurm_cluster, tmp_path_factory):
+    """A long ddp job (torchrun agents under srun) and a long trainer job (one srun task per process), at once;
+    each gets `scancel --signal=USR1 --batch` (what --signal=B:USR1@120 sends before the time limit) once its first
+    checkpoint is there. Meanwhile one uninterrupted reference run of the same config (the strategies train
+    bit-identical weights, tests/test_distributed.py)."""
+    tmp = tmp_path_factory.mktemp("requeue")
+    jobs = {s: Job(slurm_cluster, tmp, CPU_JOB[s], ("--strategy", s, *LONG), timeout=270) for s in ("ddp", "trainer")}
+    ref_dir = tmp / "reference"
+    ref = None
+    timings: dict[str, dict[str, float]] = {}
+    try:
+        signalled: dict[str, float] = {}
+        while len(signalled) < len(jobs):
+            for strategy, job in jobs.items():
+                if strategy in signalled:
+                    continue
+                if any((job.run_dir / "checkpoints").glob("step=*.ckpt")):
+                    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job.id)], env=slurm_cluster.env(),
+                                   check=True, timeout=30)
+                    signalled[strategy] = time.monotonic()
+                    timings[strategy] = {"first checkpoint after sbatch": signalled[strategy] - job.started}
+                elif job.proc.poll() is not None or time.monotonic() - job.started > 150:
+                    job.wait()
+                    pytest.fail(f"{strategy}: no checkpoint while the job ran\n{job.describe()}")
+            time.sleep(0.1)
+        ref = subprocess.Popen(
+            ["timeout", "200", "bash", str(SINGLE_NODE), "--strategy", "ddp", "--nproc", "2", "--", *LONG,
+             f"run.dir={ref_dir}"],
+            cwd=tmp, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        pending: set[str] = set()
+        while len(pending) < len(jobs):
+            for strategy, job in jobs.items():
+                if strategy not in pending and (job.state() == "PENDING" or job.proc.poll() is not None):
+                    pending.add(strategy)
+                    timings[strategy]["pending again after SIGUSR1"] = time.monotonic() - signalled[strategy]
+            time.sleep(0.2)
+        for strategy, job in jobs.items():
+            job.wait()
+            timings[strategy]["done after SIGUSR1"] = job.started + job.elapsed - signalled[strategy]
+            timings[strategy]["total"] = job.elapsed
+        ref_out = ref.communicate(timeout=200)[0]
+        for strategy, t in timings.items():
+            print(f"{strategy} requeue: " + "; ".join(f"{k} {v:.1f} s" for k, v in t.items()))
+        assert ref.returncode == 0, ref_out[-5000:]
+        yield jobs, ref_dir
+    finally:
+        for job in jobs.values():
+            job.cancel()
+        if ref is not None and ref.poll() is None:
+            ref.kill()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp", "trainer"])
+def test_usr1_checkpoints_requeues_and_resumes_bit_identically(requeued_jobs, strategy):
+    jobs, ref_dir = requeued_jobs
+    job = jobs[strategy]
+    assert job.rc == 0, job.describe()
+    log = job.log
+    stop = re.search(r"distmnist: stopped by SIGUSR1 at step (\d+)", log)
+    assert stop, f"the job was not stopped by the signal\n{job.describe()}"
+    stopped_at = int(stop.group(1))
+    assert 0 < stopped_at < LONG_STEPS, f"stopped at step {stopped_at}: the run was too short to be interrupted"
+    assert f"requeued job {job.id}" in log, log
+    assert f"restart=1 job={job.id}" in log, log
+    assert f"resuming from {job.run_dir}/checkpoints/step={stopped_at:08d}.ckpt" in log, log
+    m = metrics(job.run_dir)
+    assert (m["strategy"], m["world_size"], m["epochs"], m["global_step"]) == (strategy, 2, 2, LONG_STEPS), m
+    assert same_weights(weights(job.run_dir), weights(ref_dir)), "resumed model.pt differs from an uninterrupted run"
+
+
+# ---------------------------------------------------------------------------------------------------- mistakes
+BAD_INPUT = {
+    "unknown-strategy": (CPU_JOB["ddp"], ("--strategy", "nope", *SMOKE), "unknown strategy 'nope'"),
+    "missing-config": (CPU_JOB["ddp"], ("-c", "/nonexistent/distmnist.yaml"),
+                       "config file /nonexistent/distmnist.yaml does not exist"),
+    "unknown-key": (CPU_JOB["trainer"], ("--strategy", "trainer", *SMOKE, "optim.lrr=0.1"),
+                    "unknown config key 'optim.lrr'"),
+    "cuda-without-gpus": (CPU_JOB["fabric"], ("--strategy", "fabric", *SMOKE, "train.accelerator=cuda"),
+                          "train.accelerator=cuda but this job has no GPUs"),
+    # the node's two (fake) GPUs, one task, a config that would use GPUs: the trainer needs one task per GPU
+    "trainer-tasks-vs-gpus": (("--gpus-per-node=2", "--ntasks-per-node=1", "--cpus-per-task=1"),
+                              ("--strategy", "trainer", *SMOKE, "train.accelerator=auto"),
+                              "runs one SLURM task per GPU, but this job has 1 task(s) and 2 GPU(s) per node: "
+                              "submit with --ntasks-per-node=2"),
+    "ddp-one-task-per-node": (("--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"),
+                              ("--strategy", "ddp", *SMOKE), "submit with --ntasks-per-node=1"),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_mistakes_fail_within_seconds_with_one_line(slurm_cluster, tmp_path, case):
+    opts, args, message = BAD_INPUT[case]
+    job = Job(slurm_cluster, tmp_path, opts, args, timeout=90)
+    try:
+        rc = job.wait()
+    finally:
+        job.cancel()
+    print(f"{case}: job {job.id} failed in {job.elapsed:.1f} s")
+    assert rc == 2, job.describe()
+    assert job.elapsed < 30, job.describe()
+    errors = [line for line in job.log.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and message in errors[0], job.describe()
+    assert "Traceback" not in job.log and not job.run_dir.exists(), job.describe()
+
+
+@pytest.mark.timeout(120)
+def test_a_run_dir_left_by_an_earlier_job_with_the_same_id_is_not_resumed(slurm_cluster, tmp_path):
+    """Job ids start over with a fresh cluster state: a first start must not adopt another job's runs/<name>-<id>."""
+    for job_id in range(1, 1001):  # the ids this session's cluster hands out
+        (tmp_path / "runs" / f"distmnist-{job_id}").mkdir(parents=True)
+    job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], SMOKE, timeout=90)
+    try:
+        rc = job.wait()
+    finally:
+        job.cancel()
+    assert rc == 2, job.describe()
+    assert f"error: {job.run_dir} already exists, left by an earlier job with the same id" in job.log, job.describe()
+    assert list(job.run_dir.iterdir()) == []

@@ -93,8 +93,7 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     tally = TrainTally(env.device)
     capture = cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1
     params = [p for group in s.optimizer.param_groups for p in group["params"]]
-    train_step = StepRunner(s.forward_backward, s.optimizer_step,
-                            lambda to_none: s.optimizer.zero_grad(set_to_none=to_none), params, tally, capture)
+    train_step = StepRunner(s.forward_backward, s.optimizer_step, params, tally, capture)
 
     pos = resume_point(run, s, found)
     global_step, skip = pos["global_step"], pos["step_in_epoch"]
@@ -110,7 +109,8 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
         bar = progress_bar(run, len(train_batches), skip, epoch)
         started = time.perf_counter() - (pos.get("epoch_train_s", 0.0) if skip else 0.0)
         for step_in_epoch, (x, y) in enumerate(train_batches, start=skip + 1):
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            if x.device != env.device:  # the DataLoader path; resident batches are there already
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             loss = train_step(x, y)
             global_step += 1
             if global_step % log_every == 0:

@@ -31,12 +31,11 @@ class StepRunner:
         self,
         forward_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         optimizer_step: Callable[[], None],
-        zero_grad: Callable[[bool], None],
         params: list[torch.Tensor],
         tally: TrainTally,
         capture: bool,
     ) -> None:
-        self.forward_backward, self.optimizer_step, self.zero_grad = forward_backward, optimizer_step, zero_grad
+        self.forward_backward, self.optimizer_step = forward_backward, optimizer_step
         self.params = params
         self.grads: list[torch.Tensor] = []  # the graph's gradient buffers, once captured
         self.tally = tally
@@ -61,6 +60,14 @@ class StepRunner:
         self.graph.replay()
         self.optimizer_step()
         return self.loss
+
+    def zero_grad(self, set_to_none: bool) -> None:
+        """What optimizer.zero_grad does, without its per-call profiler scope (measurable at ~1 ms a step)."""
+        for p in self.params:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # with a graph, its gradient buffers must stay where they are: zeroed in place (0 + g == g exactly)

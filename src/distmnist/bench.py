@@ -14,7 +14,8 @@ Rows:
 * each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several).
 
 Every run trains ``--warmup-epochs`` (default 1) more epochs than ``--epochs``; the warm-up epochs (CUDA and
-allocator initialisation, graph capture, DataLoader start) are excluded from s/epoch and samples/s. The recipe
+allocator initialisation, graph capture, DataLoader start) are excluded. s/epoch is the median of the timed
+epochs (their range is shown), samples/s the training samples of one epoch over it. The recipe
 (optimizer, lr, ...) is the config's (default: configs/seed.yaml, the tutorial's own) for every row.
 """
 
@@ -25,6 +26,7 @@ import io
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,11 +161,15 @@ def run_strategy(strategy: str, cfg_args: list[str], world_size: int, run_dir: P
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def timing(times: list[float], samples: int) -> dict:
+    """The median of the timed epochs (robust to a noisy neighbour on a shared machine) and their range."""
+    seconds = statistics.median(times)
+    return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "epoch_s": times}
+
+
 def strategy_row(metrics: dict, warmup: int) -> dict:
     timed = metrics["history"][warmup:]
-    seconds = sum(h["epoch_s"] for h in timed) / len(timed)
-    samples = sum(h["train_samples"] for h in timed) / len(timed)
-    return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "val_acc": metrics["val_acc"],
+    return {**timing([h["epoch_s"] for h in timed], timed[0]["train_samples"]), "val_acc": metrics["val_acc"],
             "device": metrics["device"]}
 
 
@@ -202,11 +208,13 @@ def bench_config(args) -> tuple[Config, list[str]]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["row", "world", "precision", "device", "s/epoch", "samples/s", "x tutorial", "x tut-Lightning", "val_acc"]
+    head = ["row", "world", "precision", "device", "s/epoch", "(min-max)", "samples/s", "x tutorial",
+            "x tut-Lightning", "val_acc"]
     lines = [head]
     for r in rows:
         lines.append([
             r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
+            f"({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f})",
             f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
             f"{r['val_acc']:.4f}",
         ])
@@ -267,10 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         with redirect_stdout(io.StringIO()):
             result = baselines[name](cfg, args.epochs, args.warmup_epochs)
-        seconds = sum(result["times"]) / len(result["times"])
         rows.append({"row": name, "strategy": name, "loader": "torchvision", "world_size": 1, **common,
-                     "device": result["device"], "s_per_epoch": seconds,
-                     "samples_per_sec": result["samples"] / seconds, "val_acc": result["val_acc"]})
+                     "device": result["device"], **timing(result["times"], result["samples"]),
+                     "val_acc": result["val_acc"]})
     with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
         for strategy in filter(None, args.strategies.split(",")):
             for loader in filter(None, args.loaders.split(",")):

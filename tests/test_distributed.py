@@ -157,3 +157,34 @@ def test_fashion_mnist_one_epoch_reaches_80_percent(tmp_path):
     assert m["val_samples"] == 10000
     assert m["val_acc"] >= 0.80, m["val_acc"]
     assert (tmp_path / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").stat().st_size == 47040016
+
+
+def test_tensorboard_figures_in_every_strategy(runs):
+    """Once per run the training samples; per epoch the confusion matrix and the misclassified test images."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in STRATEGIES:
+        steps: dict[str, list[int]] = {}
+        for f in (runs[name][0] / "tb").glob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(f), size_guidance={"images": 0})
+            acc.Reload()
+            for tag in acc.Tags()["images"]:
+                steps.setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+                assert all(e.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n" for e in acc.Images(tag))
+        assert set(steps) == set(tblog.FIGURES), (name, steps)
+        assert steps["data/samples"] == [0]
+        assert sorted(steps["val/confusion_matrix"]) == sorted(steps["val/misclassified"]) == [32, 64], name
+        history = metrics(runs[name][0])["history"]
+        for h in history:  # the confusion matrix behind the figure counts every test sample once
+            assert sum(map(sum, h["confusion"])) == 500
+            assert sum(h["confusion"][i][i] for i in range(10)) == round(h["val_acc"] * 500)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "trainer"])
+def test_quiet_prints_one_line(tmp_path, strategy):
+    proc = ok(run_module(f"distmnist.{strategy}", *SMOKE, "--quiet", f"run.dir={tmp_path / 'q'}", cwd=tmp_path))
+    assert [ln for ln in proc.stdout.splitlines() if ln.strip()] == [
+        f"[{strategy}] done: val_acc {metrics(tmp_path / 'q')['val_acc']:.4f} after 2 epochs; wrote "
+        f"{tmp_path / 'q' / 'model.pt'} and {tmp_path / 'q' / 'metrics.json'}"
+    ]
+    assert "epoch 1/2" not in proc.stderr and "it/s" not in proc.stderr and "step/s" not in proc.stderr

@@ -1,9 +1,12 @@
-"""Command line: `distmnist train|evaluate|data ...` and the shared parser of the strategy entry points.
+"""Command line: `distmnist train|evaluate|bench|compare|predict|data ...`, and the parser of the strategy
+entry points.
 
     distmnist train --strategy ddp -c configs/fashion.yaml optim.lr=0.1
     distmnist evaluate --model runs/ddp/model.pt [-c CONFIG] [key=value ...]
     distmnist data prepare --name fashion-mnist --from /usr/share/datasets/fashion-mnist [--root data]
     distmnist bench [--help]                      # the strategies against the tutorial loops, one table
+    distmnist compare RUN_DIR... [--out cmp.png]  # runs side by side
+    distmnist predict --model RUN_DIR/model.pt IMAGE...
 
 `python -m distmnist.ddp|trainer|fabric [-c CONFIG] [key=value ...]` take the same config arguments.
 """
@@ -28,7 +31,13 @@ class Parser(argparse.ArgumentParser):
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped one (default, fashion...)")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="for scripts: no progress bar, no per-epoch lines (the same as train.quiet=true)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=0.1")
+
+
+def config_of(args) -> list[str]:
+    return [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
 
 
 def strategy_parser(prog: str) -> Parser:
@@ -47,26 +56,33 @@ def train_with(strategy: str, cfg) -> dict:
 @report_errors
 def run_strategy(strategy: str, argv: list[str] | None = None) -> int:
     """`python -m distmnist.<strategy> [-c CONFIG] [key=value ...]`."""
-    args = strategy_parser(f"python -m distmnist.{strategy}").parse_args(argv)
-    train_with(strategy, load_config(args.config, args.overrides))
+    args = strategy_parser(f"python -m distmnist.{strategy}").parse_intermixed_args(argv)
+    train_with(strategy, load_config(args.config, config_of(args)))
     return 0
+
+
+# commands whose module has its own main(argv) and --help
+DELEGATED = {
+    "evaluate": ("distmnist.evaluate", "exact test-set accuracy and loss of a model.pt, any number of processes"),
+    "bench": ("distmnist.bench", "speed of the strategies against the tutorial loops, one table"),
+    "compare": ("distmnist.compare", "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
+    "predict": ("distmnist.predict", "classify image files with a model.pt"),
+}
+
+
+def train_parser() -> Parser:
+    p = Parser(prog="distmnist train", description="Train with one strategy in this process (torchrun for several).")
+    p.add_argument("--strategy", default="ddp", help="ddp | trainer | fabric (default ddp)")
+    add_config_args(p)
+    return p
 
 
 def build_parser() -> Parser:
     p = Parser(prog="distmnist", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    t = sub.add_parser("train", help="train with one strategy (in this process; use torchrun for several)")
-    t.add_argument("--strategy", default="ddp", help="ddp | trainer | fabric (default ddp)")
-    add_config_args(t)
-
-    e = sub.add_parser("evaluate", help="exact test-set accuracy and loss of a model.pt")
-    e.add_argument("--model", required=True, help="model.pt of a run (an NNModel state_dict)")
-    e.add_argument("--out", help="where to write the JSON result (default: <model dir>/eval.json)")
-    add_config_args(e)
-
-    sub.add_parser("bench", help="speed of the strategies against the tutorial loops (distmnist bench --help)")
-
+    sub.add_parser("train", help="train with one strategy (distmnist train --help)")
+    for name, (_, text) in DELEGATED.items():
+        sub.add_parser(name, help=f"{text} (distmnist {name} --help)")
     d = sub.add_parser("data", help="data set files")
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     prep = dsub.add_parser("prepare", help="copy and check the four IDX files where torchvision expects them")
@@ -79,18 +95,15 @@ def build_parser() -> Parser:
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from distmnist.bench import main as bench
-
-        return bench(argv[1:])
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command in DELEGATED:
+        return importlib.import_module(DELEGATED[command][0]).main(rest)
+    if command == "train":  # intermixed: options may come after key=value overrides
+        args = train_parser().parse_intermixed_args(rest)
+        train_with(args.strategy, load_config(args.config, config_of(args)))
+        return 0
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        train_with(args.strategy, load_config(args.config, args.overrides))
-    elif args.command == "evaluate":
-        from distmnist.evaluate import evaluate_model
-
-        evaluate_model(args.model, load_config(args.config, args.overrides), args.out)
-    elif args.command == "data":
+    if args.command == "data":
         from distmnist.data import prepare
 
         dest = prepare(args.name, args.source, args.root)

@@ -42,6 +42,12 @@ SPLIT_FILES = {
 SPLIT_SIZE = {True: 60000, False: 10000}
 RAW_FILES = SPLIT_FILES[True] + SPLIT_FILES[False]
 SYNTHETIC_SIZE = {True: 6000, False: 1000}
+CLASS_NAMES = {
+    "mnist": [str(i) for i in range(10)],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "synthetic": [f"class {i}" for i in range(10)],
+}
 IDX_DTYPES = {0x08: torch.uint8}
 
 

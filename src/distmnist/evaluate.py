@@ -65,15 +65,15 @@ def evaluate_model(model_path: str | Path, cfg: Config, out: str | Path | None =
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
-    from distmnist.cli import Parser, add_config_args
+    from distmnist.cli import Parser, add_config_args, config_of
     from distmnist.config import load_config
 
     p = Parser(prog="python -m distmnist.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model.pt of a run")
     p.add_argument("--out", help="JSON result file (default: <model dir>/eval.json)")
     add_config_args(p)
-    args = p.parse_args(argv)
-    evaluate_model(args.model, load_config(args.config, args.overrides), args.out)
+    args = p.parse_intermixed_args(argv)
+    evaluate_model(args.model, load_config(args.config, config_of(args)), args.out)
     return 0
 
 

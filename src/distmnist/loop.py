@@ -48,7 +48,8 @@ def progress_bar(run: RunDir, total: int, initial: int, epoch: int):
         total=total,
         initial=initial,
         desc=f"epoch {epoch + 1}/{run.cfg.train.epochs}",
-        disable=not (run.env.is_zero and run.cfg.train.progress),
+        disable=not run.progress,
+        unit="step",
         mininterval=0.5,
         leave=False,
         dynamic_ncols=True,
@@ -63,8 +64,7 @@ def resume_point(run: RunDir, s: Strategy, found: tuple[Path, dict] | None) -> d
     rest = s.load(Path(path), s.state)
     meta = rest["distmnist"]
     run.restore(meta)
-    if run.env.is_zero:
-        print(f"[{s.name}] resuming from {path} (epoch {meta['epoch'] + 1}, step {meta['global_step']})", flush=True)
+    run.say(f"resuming from {path} (epoch {meta['epoch'] + 1}, step {meta['global_step']})", always=True)
     return meta
 
 
@@ -87,9 +87,10 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     env = s.env
     found = run.prepare()
     data.ensure_available(cfg.data, env)
-    train_batches = data.train_batches(cfg, env)
+    split = data.load_split(cfg.data, train=True)
+    train_batches = data.train_batches(cfg, env, split)
     eval_batches = data.eval_batches(cfg, env)
-    metrics = EvalMetrics().to(env.device)
+    metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
     tally = TrainTally(env.device)
     capture = cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1
     params = [p for group in s.optimizer.param_groups for p in group["params"]]
@@ -98,7 +99,7 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     pos = resume_point(run, s, found)
     global_step, skip = pos["global_step"], pos["step_in_epoch"]
     tally.restore(pos.get("tally") if skip else None, env.is_zero)
-    run.start(fresh=found is None)
+    run.start(split, fresh=found is None)
 
     log_every, ckpt_every = cfg.train.log_every_n_steps, cfg.checkpoint.every_n_steps
     stop_every = cfg.checkpoint.stop_check_every_n_steps
@@ -114,8 +115,10 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
             loss = train_step(x, y)
             global_step += 1
             if global_step % log_every == 0:
-                value = run.log_step(global_step, loss, s.optimizer.param_groups[0]["lr"])
-                bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+                shown = run.log_step(global_step, loss, s.optimizer.param_groups[0]["lr"])
+                if shown:
+                    bar.set_postfix(step=global_step, loss=f"{shown['loss']:.4f}",
+                                    **{"samples/s": f"{shown['samples/s']:,.0f}"}, refresh=False)
             s.scheduler.step()
             bar.update()
             if step_in_epoch == len(train_batches):
@@ -141,8 +144,8 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
         save_checkpoint(run, s, tally, dict(epoch=epoch + 1, step_in_epoch=0, global_step=global_step))
     stop.uninstall()
 
-    if pos["epoch"] >= cfg.train.epochs and env.is_zero:
-        print(f"[{s.name}] {run.path} already holds {pos['epoch']} epochs; raise train.epochs to train more")
+    if pos["epoch"] >= cfg.train.epochs:
+        run.say(f"{run.path} already holds {pos['epoch']} epochs; raise train.epochs to train more", always=True)
     summary = run.finish(s.model, global_step)
     dist.barrier()
     return summary

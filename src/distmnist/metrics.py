@@ -17,39 +17,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from distmnist import dist
 from distmnist.model import NUM_CLASSES
 
 
 class EvalMetrics(nn.Module):
-    def __init__(self) -> None:
+    """Accuracy, mean loss, sample count and confusion matrix of the test set, synced over ranks at compute();
+    plus, on this rank, the first `keep_wrong` misclassified images (for the TensorBoard grid)."""
+
+    def __init__(self, keep_wrong: int = 0) -> None:
         super().__init__()
         self.acc = MulticlassAccuracy(num_classes=NUM_CLASSES, average="micro", validate_args=False)
         self.loss = MeanMetric(nan_strategy="disable")
         self.count = SumMetric(nan_strategy="disable")
+        self.confusion = MulticlassConfusionMatrix(num_classes=NUM_CLASSES, validate_args=False)
+        self.keep_wrong = keep_wrong
+        self.wrong: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (images, predicted, true)
 
     @torch.no_grad()
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, target: torch.Tensor, images: torch.Tensor | None = None) -> None:
         logits = logits.float()
         self.acc.update(logits, target)
         self.loss.update(F.cross_entropy(logits, target, reduction="none"))
         self.count.update(torch.tensor(float(target.numel()), device=target.device))
+        self.confusion.update(logits, target)
+        have = sum(len(w[0]) for w in self.wrong)
+        if images is not None and have < self.keep_wrong:  # a host sync, but only for the first few batches
+            predicted = logits.argmax(dim=1)
+            miss = (predicted != target).nonzero().flatten()[: self.keep_wrong - have].cpu()
+            self.wrong.append((images[miss].cpu(), predicted[miss].cpu(), target[miss].cpu()))
 
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict:
         """Synced over all ranks (a collective: every rank must call it)."""
         out = {
             "val_acc": float(self.acc.compute()),
             "val_loss": float(self.loss.compute()),
             "val_samples": int(self.count.compute()),
+            "confusion": self.confusion.compute().long().tolist(),  # rows: true class, columns: predicted
         }
+        if self.keep_wrong:
+            out["wrong"] = tuple(torch.cat(parts) for parts in zip(*self.wrong, strict=True)) if self.wrong else None
         self.reset()
         return out
 
     def reset(self) -> None:
-        for m in (self.acc, self.loss, self.count):
+        for m in (self.acc, self.loss, self.count, self.confusion):
             m.reset()
+        self.wrong = []
 
 
 @torch.no_grad()
@@ -67,7 +83,7 @@ def evaluate(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
-        metrics.update(logits, y)
+        metrics.update(logits, y, x)
     model.train(was_training)
     return metrics.compute()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import torch
 
 from distmnist import checkpoint, config, tblog
 from distmnist.config import Config
+from distmnist.data import CLASS_NAMES
 from distmnist.dist import DistEnv
 from distmnist.errors import DistMnistError
 from distmnist.model import hidden_from_state_dict
@@ -45,6 +45,7 @@ class RunDir:
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds of earlier runs of this run dir (resume)
         self.started = time.perf_counter()
+        self._last_log = (self.started, 0)
 
     # -------------------------------------------------------------------------------------- ownership
     def check_owner(self) -> None:
@@ -80,9 +81,10 @@ class RunDir:
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
-    def start(self, writer=None, fresh: bool = True) -> None:
+    def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
         """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
-        Lightning's; else its own), recording the hyperparameters when the run starts from scratch."""
+        Lightning's; else its own), recording the hyperparameters and a grid of `samples` (training images,
+        labels) when the run starts from scratch."""
         if not self.env.is_zero:
             return
         header = (
@@ -93,6 +95,7 @@ class RunDir:
         self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.tb_dir))
         if fresh:
             self.tb.hparams({**config.flat_dict(self.cfg), "strategy": self.strategy, "world_size": self.env.world_size})
+            self.tb.samples(samples[0][:32], samples[1][:32], CLASS_NAMES[self.cfg.data.name])
 
     # ------------------------------------------------------------------------------------ checkpoints
     def meta(self, **position: Any) -> dict[str, Any]:
@@ -156,16 +159,32 @@ class RunDir:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> float:
-        """Every train.log_every_n_steps steps: the one host sync of the step path (rank 0 only)."""
+    def say(self, message: str, always: bool = False) -> None:
+        """One line on rank 0 (not with train.quiet, unless `always`)."""
+        if self.env.is_zero and (always or not self.cfg.train.quiet):
+            print(f"[{self.strategy}] {message}", flush=True)
+
+    @property
+    def progress(self) -> bool:
+        return self.env.is_zero and self.cfg.train.progress and not self.cfg.train.quiet
+
+    def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> dict[str, float]:
+        """Every train.log_every_n_steps steps: the one host sync of the step path (rank 0 only). Returns the
+        loss and the samples/s since the previous call, for the progress bar."""
         if not self.env.is_zero:
-            return float("nan")
+            return {}
         value = float(loss.detach())
         self.tb.step(global_step, value, lr)
-        return value
+        now = time.perf_counter()
+        last_time, last_step = self._last_log
+        self._last_log = (now, global_step)
+        rate = (global_step - last_step) * self.cfg.data.batch_size * self.env.world_size / max(now - last_time, 1e-9)
+        return {"loss": value, "samples/s": rate}
 
     def end_epoch(self, epoch: int, global_step: int, train: dict, val: dict, train_s: float) -> dict:
         """One epoch's record: printed as one line on rank 0, logged to TensorBoard, kept for metrics.json."""
+        val = dict(val)
+        wrong = val.pop("wrong", None)  # rank 0's misclassified test images: for TensorBoard, not the record
         record = {
             "epoch": epoch + 1,
             "global_step": global_step,
@@ -175,16 +194,17 @@ class RunDir:
             "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
             "wall_s": self.elapsed(),
         }
+        if self.env.device.type == "cuda":
+            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
         self.history.append(record)
         if self.env.is_zero:
-            self.tb.epoch(global_step, record)
-            print(
-                f"[{self.strategy}] epoch {epoch + 1}/{self.cfg.train.epochs} step {global_step} "
+            self.tb.epoch(global_step, record, CLASS_NAMES[self.cfg.data.name], wrong)
+            self.say(
+                f"epoch {epoch + 1}/{self.cfg.train.epochs} step {global_step} "
                 f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
                 f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
                 f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
-                f"{train_s:.2f} s",
-                flush=True,
+                f"{train_s:.2f} s"
             )
         return record
 
@@ -221,11 +241,10 @@ class RunDir:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             checkpoint.atomic_torch_save(state, self.model_pt)
             checkpoint.atomic_write(self.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
-            print(
-                f"[{self.strategy}] done: val_acc {summary['val_acc']:.4f} after {summary['epochs']} epochs; "
+            self.say(
+                f"done: val_acc {summary['val_acc']:.4f} after {summary['epochs']} epochs; "
                 f"wrote {self.model_pt} and {self.metrics_json}",
-                file=sys.stdout,
-                flush=True,
+                always=True,
             )
         self.tb.close()
         return summary

@@ -5,6 +5,10 @@
     train/acc             once per epoch (at the step that ends the epoch)
     val/loss, val/acc     once per epoch
     perf/samples_per_sec  once per epoch (global samples / training seconds of that epoch)
+    perf/peak_mem_mb      once per epoch, on CUDA: peak memory allocated on rank 0's GPU
+    val/confusion_matrix  figure, once per epoch (true class x predicted class, all ranks' test samples)
+    val/misclassified     figure, once per epoch: rank 0's first misclassified test images, predicted / true
+    data/samples          figure, once when the run starts: training images with their labels
     hparams               once, when the run starts; the HParams tab reads val/acc and val/loss
 
 Raw DDP and Fabric give :class:`TBLog` a ``SummaryWriter`` on ``run.dir/tb``; the Lightning Trainer gives it the
@@ -16,9 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 TAGS_STEP = ("train/loss", "lr")
 TAGS_EPOCH = ("train/acc", "val/loss", "val/acc", "perf/samples_per_sec")
 TAGS = TAGS_STEP + TAGS_EPOCH
+TAG_PEAK_MEM = "perf/peak_mem_mb"  # CUDA only
+FIGURES = ("data/samples", "val/confusion_matrix", "val/misclassified")
 HPARAM_METRICS = ("val/acc", "val/loss")
 
 
@@ -39,14 +47,28 @@ class TBLog:
             self.writer.add_scalar("train/loss", loss, global_step)
             self.writer.add_scalar("lr", lr, global_step)
 
-    def epoch(self, global_step: int, record: dict[str, float]) -> None:
+    def epoch(self, global_step: int, record: dict, names: list[str], wrong=None) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/acc", record["train_acc"], global_step)
         self.writer.add_scalar("val/loss", record["val_loss"], global_step)
         self.writer.add_scalar("val/acc", record["val_acc"], global_step)
         self.writer.add_scalar("perf/samples_per_sec", record["samples_per_sec"], global_step)
+        if record.get("peak_mem_mb") is not None:
+            self.writer.add_scalar(TAG_PEAK_MEM, record["peak_mem_mb"], global_step)
+        if record.get("confusion") is not None:
+            self.writer.add_figure("val/confusion_matrix", confusion_figure(record["confusion"], names), global_step)
+        if wrong is not None and len(wrong[0]):
+            images, predicted, true = wrong
+            titles = [f"{names[p]} / {names[t]}" for p, t in zip(predicted.tolist(), true.tolist(), strict=True)]
+            self.writer.add_figure("val/misclassified", image_grid(images, titles, "predicted / true"), global_step)
         self.writer.flush()
+
+    def samples(self, images, labels, names: list[str]) -> None:
+        """Once per run: a grid of training images with their labels."""
+        if self.writer is not None:
+            titles = [names[int(i)] for i in labels]
+            self.writer.add_figure("data/samples", image_grid(images, titles, "training images"), 0)
 
     def hparams(self, params: dict[str, Any]) -> None:
         """Record the hyperparameters once, in this writer's own event file (no extra run folder)."""
@@ -64,6 +86,53 @@ class TBLog:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_grid(images, titles: list[str], title: str, columns: int = 8):
+    """A matplotlib figure of 28x28 images (uint8 or float [0, 1], any leading shape) with a title each."""
+    plt = _pyplot()
+    n = len(titles)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.55), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i].reshape(28, 28).float().cpu().numpy(), cmap="gray", vmin=0, vmax=255 if
+                      images.dtype == torch.uint8 else 1)
+            ax.set_title(titles[i], fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: list[list[int]], names: list[str]):
+    """Counts of true (rows) x predicted (columns) classes, with the per-class recall on the right."""
+    plt = _pyplot()
+    m = torch.tensor(matrix, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    ax.imshow((m / m.sum(dim=1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
+                        color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(names)), [f"{n} ({m[i, i] / max(1, m[i].sum()):.0%})" for i, n in enumerate(names)],
+                  fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (recall)")
+    ax.set_title(f"test set: {int(m.trace())}/{int(m.sum())} correct")
+    fig.tight_layout()
+    return fig
 
 
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

@@ -79,10 +79,12 @@ class NNModule(L.LightningModule):
         env = replace(self.run.env, rank=self.global_rank, world_size=self.trainer.world_size, device=self.device)
         self.run.env = env
         data.ensure_available(self.cfg.data, env)
-        self.train_batches = data.train_batches(self.cfg, env)
+        split = data.load_split(self.cfg.data, train=True)
+        self.train_batches = data.train_batches(self.cfg, env, split)
         self.eval_batches = data.eval_batches(self.cfg, env)
         self.tally = TrainTally(self.device)
-        self.run.start(self.logger.experiment if env.is_zero else None, fresh=self._fresh)
+        self.val_metrics.keep_wrong = 32 if env.is_zero else 0
+        self.run.start(split, self.logger.experiment if env.is_zero else None, fresh=self._fresh)
 
     def train_dataloader(self):
         return self.train_batches  # Lightning calls .sampler.set_epoch(epoch) on it each epoch
@@ -115,8 +117,9 @@ class NNModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.trainer.global_step
         if step % self.cfg.train.log_every_n_steps == 0:
-            value = self.run.log_step(step, outputs["loss"], self._lr)
-            self.log("loss", value, prog_bar=True, logger=False, rank_zero_only=True)
+            shown = self.run.log_step(step, outputs["loss"], self._lr)
+            for key, value in shown.items():  # rank 0: the progress bar's loss and samples/s
+                self.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)
 
     # ------------------------------------------------------------------------------------ evaluation
     def fitting(self) -> bool:
@@ -130,7 +133,7 @@ class NNModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx) -> None:
         x, y = batch
-        self.val_metrics.update(self.model(x), y)
+        self.val_metrics.update(self.model(x), y, x)
 
     def on_validation_epoch_end(self) -> None:
         val = self.val_metrics.compute()  # synced over ranks by torchmetrics
@@ -206,6 +209,8 @@ class RunCheckpoints(Callback):
 def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)
     check_precision(cfg.train.precision, env.device)
+    if cfg.train.quiet:  # Lightning's banner lines ("GPU available: ...") too
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()
     logger = RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
@@ -220,20 +225,20 @@ def train(cfg: Config) -> dict:
         max_epochs=cfg.train.epochs,
         logger=logger,
         # a bar redrawn every 20 steps, not every step: the per-step Python cost of the default shows on a GPU
-        callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=20)] if cfg.train.progress else [])],
+        callbacks=[checkpoints, *([TQDMProgressBar(refresh_rate=20)] if run.progress else [])],
         enable_checkpointing=False,  # RunCheckpoints writes them
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
-        enable_progress_bar=cfg.train.progress,
+        enable_progress_bar=run.progress,
         enable_model_summary=False,
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=str(run.path),
     )
     module = NNModule(cfg, run, fresh=found is None)
     ckpt_path = str(found[0]) if found else None
-    if ckpt_path and trainer.is_global_zero:
-        print(f"[{NAME}] resuming from {ckpt_path}", flush=True)
+    if ckpt_path:
+        run.say(f"resuming from {ckpt_path}", always=True)
     checkpoints.stop.install()
     try:
         with run.removed_if_refused():

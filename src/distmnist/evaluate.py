@@ -13,29 +13,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from distmnist import checkpoint, data, dist
 from distmnist.config import Config
-from distmnist.errors import DistMnistError, report_errors
+from distmnist.errors import report_errors
 from distmnist.metrics import EvalMetrics, evaluate
-from distmnist.model import NNModel, hidden_from_state_dict
+from distmnist.model import load_model
 from distmnist.precision import autocast_factory
-
-
-def load_model(path: str | Path) -> NNModel:
-    """An NNModel from a model.pt; DistMnistError if the file is not an NNModel state_dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise DistMnistError(f"--model {path} does not exist; give the model.pt of a run (runs/<name>/model.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors
-        first = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
-        raise DistMnistError(f"--model {path} is not a distmnist model.pt ({first})") from None
-    model = NNModel(hidden_from_state_dict(state, source=f"--model {path}"))
-    model.load_state_dict(state)
-    return model
 
 
 def evaluate_model(model_path: str | Path, cfg: Config, out: str | Path | None = None) -> dict:

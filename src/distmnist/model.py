@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,6 +65,21 @@ def hidden_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     if not shapes_ok:
         raise DistMnistError(f"{source} has NNModel keys but the layer shapes do not chain 784 -> ... -> 10")
     return [int(w.shape[0]) for w in weights[:-1]]
+
+
+def load_model(path: str | Path) -> NNModel:
+    """An NNModel from a model.pt; DistMnistError if the file is not an NNModel state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistMnistError(f"--model {path} does not exist; give the model.pt of a run (runs/<name>/model.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors
+        first = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+        raise DistMnistError(f"--model {path} is not a distmnist model.pt ({first})") from None
+    model = NNModel(hidden_from_state_dict(state, source=f"--model {path}"))
+    model.load_state_dict(state)
+    return model
 
 
 def build_optimizer(optim, params) -> torch.optim.Optimizer:

@@ -179,13 +179,14 @@ def parse_args(argv: list[str] | None):
 
     p = Parser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", default="seed", help="recipe for every row (default: seed, the tutorial's)")
-    p.add_argument("--data", default="fashion-mnist", help="mnist | fashion-mnist | synthetic")
-    p.add_argument("--data-root", default="data")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--data", help="mnist | fashion-mnist | synthetic (default: fashion-mnist for the speed table, "
+                                  "the config's for --time-to-acc)")
+    p.add_argument("--data-root", help="default: the config's data.root")
+    p.add_argument("--batch-size", type=int, help="per process (default: the config's)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (default 1)")
-    p.add_argument("--precision", default="32-true")
-    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--precision", help="default: the config's")
+    p.add_argument("--accelerator", help="default: the config's")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--loaders", default="resident,dataloader")
     p.add_argument("--baselines", default="tutorial,tutorial-lightning")
@@ -198,9 +199,12 @@ def parse_args(argv: list[str] | None):
 
 
 def bench_config(args) -> tuple[Config, list[str]]:
-    overrides = [f"data.name={args.data}", f"data.root={args.data_root}", f"data.batch_size={args.batch_size}",
-                 f"train.precision={args.precision}", f"train.accelerator={args.accelerator}",
-                 "train.progress=true", *args.overrides]
+    """The config of every row: the file, the options given, then the overrides."""
+    data_name = args.data or (None if args.time_to_acc is not None else "fashion-mnist")
+    options = {"data.name": data_name, "data.root": args.data_root, "data.batch_size": args.batch_size,
+               "train.precision": args.precision, "train.accelerator": args.accelerator}
+    overrides = [f"{k}={v}" for k, v in options.items() if v is not None]
+    overrides += ["train.progress=true", *args.overrides]
     if args.time_to_acc is None:
         overrides.append(f"train.epochs={args.epochs + args.warmup_epochs}")
     cfg = load_config(args.config, overrides)

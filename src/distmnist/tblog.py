@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 TAGS_STEP = ("train/loss", "lr")
@@ -57,18 +58,20 @@ class TBLog:
         if record.get("peak_mem_mb") is not None:
             self.writer.add_scalar(TAG_PEAK_MEM, record["peak_mem_mb"], global_step)
         if record.get("confusion") is not None:
-            self.writer.add_figure("val/confusion_matrix", confusion_figure(record["confusion"], names), global_step)
+            self.writer.add_image("val/confusion_matrix", confusion_figure(record["confusion"], names), global_step,
+                                  dataformats="HWC")
         if wrong is not None and len(wrong[0]):
             images, predicted, true = wrong
             titles = [f"{names[p]} / {names[t]}" for p, t in zip(predicted.tolist(), true.tolist(), strict=True)]
-            self.writer.add_figure("val/misclassified", image_grid(images, titles, "predicted / true"), global_step)
+            self.writer.add_image("val/misclassified", image_grid(images, titles, "predicted / true"), global_step,
+                                  dataformats="HWC")
         self.writer.flush()
 
     def samples(self, images, labels, names: list[str]) -> None:
         """Once per run: a grid of training images with their labels."""
         if self.writer is not None:
             titles = [names[int(i)] for i in labels]
-            self.writer.add_figure("data/samples", image_grid(images, titles, "training images"), 0)
+            self.writer.add_image("data/samples", image_grid(images, titles, "training images"), 0, dataformats="HWC")
 
     def hparams(self, params: dict[str, Any]) -> None:
         """Record the hyperparameters once, in this writer's own event file (no extra run folder)."""
@@ -88,51 +91,60 @@ class TBLog:
             self.writer.close()
 
 
-def _pyplot():
-    import matplotlib
+def render(fig) -> np.ndarray:
+    """A matplotlib Figure (object API, no pyplot state) as an RGB array for SummaryWriter.add_image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
-    return plt
 
+def image_grid(images, titles: list[str], title: str, columns: int = 8) -> np.ndarray:
+    """28x28 images (uint8 or float [0, 1]) tiled into one picture -- one imshow, so it renders in ~0.1 s --
+    with each image's title above it."""
+    from matplotlib.figure import Figure
 
-def image_grid(images, titles: list[str], title: str, columns: int = 8):
-    """A matplotlib figure of 28x28 images (uint8 or float [0, 1], any leading shape) with a title each."""
-    plt = _pyplot()
     n = len(titles)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.55), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i].reshape(28, 28).float().cpu().numpy(), cmap="gray", vmin=0, vmax=255 if
-                      images.dtype == torch.uint8 else 1)
-            ax.set_title(titles[i], fontsize=7)
+    cell, pad, top = 28, 2, 9  # pixels: image, gap, room for a title
+    h, w = cell + pad + top, cell + pad
+    canvas = np.ones((rows * h, columns * w), dtype=np.float32)
+    pixels = images.reshape(-1, 28, 28).float().cpu().numpy() / (255.0 if images.dtype == torch.uint8 else 1.0)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[r * h + top : r * h + top + cell, c * w : c * w + cell] = pixels[i]
+    fig = Figure(figsize=(columns * 1.25, rows * 1.6 + 0.4), dpi=80)
+    ax = fig.add_axes((0, 0, 1, 0.95 if rows > 1 else 0.88))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    for i, text in enumerate(titles):
+        r, c = divmod(i, columns)
+        ax.text(c * w + cell / 2, r * h + top - 1.5, text, ha="center", va="bottom", fontsize=7, color="black",
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
+    return render(fig)
 
 
-def confusion_figure(matrix: list[list[int]], names: list[str]):
-    """Counts of true (rows) x predicted (columns) classes, with the per-class recall on the right."""
-    plt = _pyplot()
-    m = torch.tensor(matrix, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    ax.imshow((m / m.sum(dim=1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(m.shape[0]):
-        for j in range(m.shape[1]):
-            if m[i, j]:
-                ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
+def confusion_figure(matrix: list[list[int]], names: list[str]) -> np.ndarray:
+    """Counts of true (rows) x predicted (columns) classes, with the per-class recall in the row labels."""
+    from matplotlib.figure import Figure
+
+    m = np.asarray(matrix, dtype=np.float64)
+    recall = m.diagonal() / np.maximum(m.sum(axis=1), 1)
+    fig = Figure(figsize=(6.4, 5.6), dpi=80)
+    ax = fig.add_subplot()
+    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for i, j in zip(*np.nonzero(m), strict=True):
+        ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=6,
+                color="white" if m[i, j] > 0.5 * m[i].sum() else "black")
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), [f"{n} ({m[i, i] / max(1, m[i].sum()):.0%})" for i, n in enumerate(names)],
-                  fontsize=7)
+    ax.set_yticks(range(len(names)), [f"{n} ({r:.0%})" for n, r in zip(names, recall, strict=True)], fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (recall)")
     ax.set_title(f"test set: {int(m.trace())}/{int(m.sum())} correct")
     fig.tight_layout()
-    return fig
+    return render(fig)
 
 
 def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:

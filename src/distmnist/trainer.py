@@ -5,8 +5,9 @@
     python -m distmnist.trainer ...                  # one process
 
 What is specific to Lightning: a LightningModule around the shared NNModel, ``Trainer(strategy=DDPStrategy,
-precision=...)`` with devices and nodes read from the launcher's environment, ``ModelCheckpoint`` and resume
-through ``ckpt_path``, and the ``TensorBoardLogger`` whose writer receives the shared tag schema. The data order
+precision=...)`` with devices and nodes read from the launcher's environment, Lightning checkpoints written by
+``trainer.save_checkpoint`` (the ``RunCheckpoints`` callback: the same cadence and graceful stop as the other two)
+and resumed through ``ckpt_path``, and the ``TensorBoardLogger`` whose writer receives the shared tag schema. The data order
 (``use_distributed_sampler=False``: our sampler, not Lightning's), the metrics, and the records are the shared
 ones, called from the module's hooks.
 """

@@ -25,13 +25,10 @@ import pytest
 import torch
 import yaml
 
+from distmnist.data import RAW_FILES
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-RAW_NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+RAW_NAMES = RAW_FILES  # the four standard IDX file names
 TIMEOUT = 180
 
 _script = Path(sysconfig.get_path("scripts")) / "distmnist"

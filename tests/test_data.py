@@ -16,16 +16,12 @@ from torch.utils.data import DistributedSampler
 
 from distmnist import data
 from distmnist.config import DataConfig, load_config
+from distmnist.data import RAW_FILES
 from distmnist.dist import DistEnv
 from distmnist.errors import DistMnistError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-RAW_NAMES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
+RAW_NAMES = RAW_FILES  # the four standard IDX file names
 needs_fashion = pytest.mark.skipif(
     not all((FASHION / f"{n}.gz").is_file() for n in RAW_NAMES),
     reason="Fashion-MNIST files of Debian's dataset-fashion-mnist are not installed",

@@ -36,6 +36,7 @@ _script = Path(sysconfig.get_path("scripts")) / "distmnist"
 DISTMNIST = [str(_script)] if _script.is_file() else [sys.executable, "-m", "distmnist"]
 DDP = [sys.executable, "-m", "distmnist.ddp"]
 EVALUATE = [sys.executable, "-m", "distmnist.evaluate"]
+PREPARE = [*DISTMNIST, "data", "prepare", "--name", "fashion-mnist", "--from", "{dir}/src", "--root", "{dir}/data"]
 
 
 def clean_env() -> dict[str, str]:
@@ -186,33 +187,13 @@ CASES: dict[str, Case] = {
     ),
     # data prepare from a folder that lacks a file / holds a truncated one
     "prepare-missing-file": Case(
-        [
-            *DISTMNIST,
-            "data",
-            "prepare",
-            "--name",
-            "fashion-mnist",
-            "--from",
-            "{dir}/src",
-            "--root",
-            "{dir}/data",
-        ],
+        PREPARE,
         ("t10k-labels-idx1-ubyte",),
         training=False,
         setup=lambda d: tiny_idx_folder(d / "src", skip="t10k-labels-idx1-ubyte"),
     ),
     "prepare-truncated-file": Case(
-        [
-            *DISTMNIST,
-            "data",
-            "prepare",
-            "--name",
-            "fashion-mnist",
-            "--from",
-            "{dir}/src",
-            "--root",
-            "{dir}/data",
-        ],
+        PREPARE,
         ("train-images-idx3-ubyte",),
         training=False,
         setup=lambda d: tiny_idx_folder(d / "src", truncate="train-images-idx3-ubyte"),

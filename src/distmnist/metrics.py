@@ -1,6 +1,6 @@
 """Metrics, the same arithmetic under every strategy, reduced across ranks, exact.
 
-* :class:`EvalMetrics` -- torchmetrics accuracy (multiclass, 10 classes) and mean loss over the test set.
+* :class:`EvalMetrics` -- torchmetrics accuracy (multiclass, 10 classes), mean loss and confusion matrix.
   Ranks see disjoint shards with no padding (``data.eval_indices``), torchmetrics sums the states of all
   ranks at ``compute()``: every test image is counted once for any world size.
 * :class:`TrainTally` -- running sums on the device (loss, correct, count) updated every step without any

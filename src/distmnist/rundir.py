@@ -65,7 +65,9 @@ class RunDir:
 
     def prepare(self) -> tuple[Path, dict[str, Any]] | None:
         """Check the run dir can be ours and find the checkpoint to resume from (every rank, before any process
-        group). Nothing is written: a refused run leaves the run dir exactly as it was."""
+        group). Nothing is written: a refused run leaves the run dir exactly as it was. Every rank reads the
+        newest checkpoint here (a few hundred kB) so that every rank reaches the same refusal on its own: a
+        rank-0-only check would leave the others waiting in a collective until the timeout."""
         self.check_owner()
         return self.newest_checkpoint()
 

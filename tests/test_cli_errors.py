@@ -185,6 +185,12 @@ CASES: dict[str, Case] = {
         training=False,
         setup=_foreign_dict,
     ),
+    # the benchmark's own flags
+    "bench-repeats-0": Case([*DISTMNIST, "bench", "--repeats", "0", "--out", "{dir}/bench"], ("--repeats",),
+                            training=False),
+    "bench-unknown-baseline": Case(
+        [*DISTMNIST, "bench", "-c", "smoke", "--data", "synthetic", "--baselines", "keras", "--strategies", "",
+         "--out", "{dir}/bench"], ("keras", "tutorial"), training=False),
     # data prepare from a folder that lacks a file / holds a truncated one
     "prepare-missing-file": Case(
         PREPARE,

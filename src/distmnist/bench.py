@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -167,10 +168,18 @@ def timing(times: list[float], samples: int) -> dict:
     return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "epoch_s": times}
 
 
-def strategy_row(metrics: dict, warmup: int) -> dict:
-    timed = metrics["history"][warmup:]
-    return {**timing([h["epoch_s"] for h in timed], timed[0]["train_samples"]), "val_acc": metrics["val_acc"],
-            "device": metrics["device"]}
+def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir: Path) -> dict:
+    """One strategy with one loader: its timed epochs, as a baseline function returns them."""
+    metrics = run_strategy(strategy, [*cfg_args, f"data.loader={loader}"], args.world_size, run_dir, args.timeout)
+    timed = metrics["history"][args.warmup_epochs:]
+    return {"times": [h["epoch_s"] for h in timed], "samples": timed[0]["train_samples"],
+            "val_acc": metrics["val_acc"], "device": metrics["device"]}
+
+
+def quiet(baseline: Callable[[Config, int, int], dict], cfg: Config, args) -> dict:
+    """A baseline in this process, its prints (progress bars, Lightning's banner) kept out of the table."""
+    with redirect_stdout(io.StringIO()):
+        return baseline(cfg, args.epochs, args.warmup_epochs)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -185,6 +194,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--batch-size", type=int, help="per process (default: the config's)")
     p.add_argument("--epochs", type=int, default=1, help="timed epochs")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (default 1)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds over all rows, interleaved; s/epoch is the median over all rounds (default 1)")
     p.add_argument("--precision", help="default: the config's")
     p.add_argument("--accelerator", help="default: the config's")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -258,6 +269,10 @@ def time_to_accuracy(args, cfg_args: list[str], out: Path) -> list[dict]:
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--warmup-epochs", args.warmup_epochs, 0),
+                               ("--repeats", args.repeats, 1), ("--world-size", args.world_size, 1)):
+        if value < least:
+            raise DistMnistError(f"bench: {flag} must be at least {least}, got {value}")
     cfg, cfg_args = bench_config(args)
     if cfg.data.name != "synthetic":
         from distmnist.dist import read_env
@@ -270,33 +285,38 @@ def main(argv: list[str] | None = None) -> int:
         (out / "time_to_acc.json").write_text(json.dumps(rows, indent=2) + "\n")
         return 0
 
-    rows: list[dict] = []
     common = {"precision": cfg.train.precision}
     baselines = {"tutorial": run_tutorial, "tutorial-lightning": run_tutorial_lightning}
+    jobs = []  # (row, strategy, loader, world size, run() -> times, samples, val_acc, device)
     for name in filter(None, args.baselines.split(",")):
         if name not in baselines:
             raise DistMnistError(f"bench: unknown baseline {name!r}; choose from {', '.join(baselines)}")
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        with redirect_stdout(io.StringIO()):
-            result = baselines[name](cfg, args.epochs, args.warmup_epochs)
-        rows.append({"row": name, "strategy": name, "loader": "torchvision", "world_size": 1, **common,
-                     "device": result["device"], **timing(result["times"], result["samples"]),
-                     "val_acc": result["val_acc"]})
+        jobs.append((name, name, "torchvision", 1, lambda tmp, f=baselines[name]: quiet(f, cfg, args)))
+    for strategy in filter(None, args.strategies.split(",")):
+        for loader in filter(None, args.loaders.split(",")):
+            jobs.append((f"{strategy}/{loader}", strategy, loader, args.world_size,
+                         lambda tmp, s=strategy, lo=loader: strategy_run(s, lo, cfg_args, args, tmp)))
+    results: dict[str, list[dict]] = {job[0]: [] for job in jobs}
     with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
-        for strategy in filter(None, args.strategies.split(",")):
-            for loader in filter(None, args.loaders.split(",")):
-                print(f"bench: {strategy} {loader} ...", file=sys.stderr, flush=True)
-                metrics = run_strategy(strategy, [*cfg_args, f"data.loader={loader}"], args.world_size,
-                                       Path(tmp) / f"{strategy}-{loader}", args.timeout)
-                rows.append({"row": f"{strategy}/{loader}", "strategy": strategy, "loader": loader,
-                             "world_size": args.world_size, **common, **strategy_row(metrics, args.warmup_epochs)})
+        for round_ in range(args.repeats):  # rounds interleave the rows: a slow spell of the machine hits them all
+            for row, *_, run in jobs:
+                print(f"bench: {row}" + (f" (round {round_ + 1}/{args.repeats})" if args.repeats > 1 else "") + " ...",
+                      file=sys.stderr, flush=True)
+                results[row].append(run(Path(tmp) / f"{row.replace('/', '-')}-{round_}"))
+    rows = []
+    for row, strategy, loader, world_size, _ in jobs:
+        runs = results[row]
+        rows.append({"row": row, "strategy": strategy, "loader": loader, "world_size": world_size, **common,
+                     "device": runs[0]["device"], **timing([t for r in runs for t in r["times"]], runs[0]["samples"]),
+                     "val_acc": runs[-1]["val_acc"]})
     base = {r["row"]: r["samples_per_sec"] for r in rows if r["row"] in baselines}
     for r in rows:
         r["x_tutorial"] = r["samples_per_sec"] / base["tutorial"] if "tutorial" in base else None
         r["x_tutorial_lightning"] = (r["samples_per_sec"] / base["tutorial-lightning"]
                                      if "tutorial-lightning" in base else None)
     print(f"distmnist bench: {cfg.data.name}, batch {cfg.data.batch_size} per process, {args.epochs} timed epoch(s) "
-          f"after {args.warmup_epochs} warm-up epoch(s) (excluded), recipe {args.config}")
+          f"after {args.warmup_epochs} warm-up epoch(s) (excluded), recipe {args.config}"
+          + (f", {args.repeats} interleaved rounds (median over all)" if args.repeats > 1 else ""))
     print(format_table(rows))
     (out / "bench.json").write_text(json.dumps(rows, indent=2) + "\n")
     with open(out / "bench.csv", "w", newline="") as f:

@@ -67,7 +67,7 @@ class NNModule(L.LightningModule):
         self.model = build_model(cfg.model.hidden, cfg.seed)
         self.val_metrics = EvalMetrics()
         self.tally: TrainTally | None = None
-        self._lr = cfg.optim.lr
+        self._step = {"lr": cfg.optim.lr}  # a plain dict: no nn.Module.__setattr__ on every step
         self._started = 0.0
         self._train_s = 0.0
         self._resumed: dict = {}
@@ -112,13 +112,24 @@ class NNModule(L.LightningModule):
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         self.tally.update(logits, y, loss)
-        self._lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the lr of this step (a float, no sync)
+        self._step["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # this step's lr (a float, no sync)
         return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        x, y = batch
+        if x.device == device:  # resident batches are there already
+            return batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        for group in optimizer.param_groups:  # optimizer.zero_grad() without its per-call profiler scope
+            for p in group["params"]:
+                p.grad = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.trainer.global_step
         if step % self.cfg.train.log_every_n_steps == 0:
-            shown = self.run.log_step(step, outputs["loss"], self._lr)
+            shown = self.run.log_step(step, outputs["loss"], self._step["lr"])
             for key, value in shown.items():  # rank 0: the progress bar's loss and samples/s
                 self.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)
 

@@ -1,0 +1,41 @@
+"""The TensorBoard pictures: real arrays from the real renderers, checked pixel by pixel where it matters."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from distmnist import tblog
+
+NAMES = [f"class {i}" for i in range(10)]
+
+
+def test_confusion_picture_shades_each_cell_by_its_share_of_the_row():
+    matrix = np.full((10, 10), 1, dtype=int) + np.diag(np.full(10, 91))  # rows of 100, 91 on the diagonal
+    picture = tblog.confusion_figure(matrix.tolist(), NAMES)
+    assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
+    # the diagonal cells are dark blue, the off-diagonal cells nearly white (colours to rounding)
+    blue = np.array(tblog._blue(0.91))
+    assert (np.abs(picture.astype(int) - blue).sum(axis=2) <= 3).sum() > 10 * 20 * 20
+    pale = np.array(tblog._blue(0.01))
+    assert (np.abs(picture.astype(int) - pale).sum(axis=2) <= 3).sum() > 90 * 20 * 20
+
+
+def test_blues_scale_runs_from_white_to_dark_blue():
+    assert tblog._blue(0.0) == tblog.BLUES[0] and tblog._blue(1.0) == tblog.BLUES[-1]
+    assert tblog._blue(-1) == tblog.BLUES[0] and tblog._blue(2) == tblog.BLUES[-1]
+    shades = [sum(tblog._blue(f / 20)) for f in range(21)]
+    assert shades == sorted(shades, reverse=True)  # darker as the share grows
+
+
+def test_image_grid_shows_uint8_and_float_images_alike():
+    images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    titles = [f"{NAMES[i]} / {NAMES[9 - i]}" for i in range(10)]
+    a = tblog.image_grid(images, titles, "predicted / true")
+    b = tblog.image_grid(images.float() / 255.0, titles, "predicted / true")
+    assert a.shape == b.shape and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float -> uint8 rounding only
+    # every image is in the picture, enlarged 3x: its top-left pixel value appears as a 3x3 block
+    assert a.shape[1] >= 8 * 28 * 3 and a.shape[0] >= 2 * 28 * 3
+    empty = tblog.image_grid(images[:0], [], "nothing")
+    assert empty.ndim == 3

@@ -256,7 +256,7 @@ def time_to_accuracy(args, cfg_args: list[str], out: Path) -> list[dict]:
             "wall_s": hit["wall_s"] if hit else None, "final_val_acc": metrics["val_acc"],
         })
     print(f"time to val_acc >= {args.time_to_acc} ({args.world_size} processes, config {args.config}; wall_s counts "
-          f"training and the evaluation after each epoch, from the first step)")
+          f"training and the evaluation after each epoch, from the first training step)")
     for r in rows:
         if r["epochs"] is None:
             print(f"  {r['strategy']:8s} not reached (final val_acc {r['final_val_acc']:.4f})")

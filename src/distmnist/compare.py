@@ -10,7 +10,7 @@ the same tags (train/loss, val/acc, ...) against the global step.
 
 The numbers come from each run's metrics.json: s/epoch is the mean training seconds of an epoch (history
 epoch_s), samples/s the run's train_samples_per_sec (all training samples over all training seconds), wall_s the
-seconds from the start of the run to its end, evaluation and earlier attempts of a resumed run included. A run dir
+seconds from the first training step to the end, evaluation and earlier attempts of a resumed run included. A run dir
 without metrics.json that has TensorBoard events (a run still training, or stopped) is shown from its events and
 marked "(running)"; its wall times are the events' own clocks, and s/epoch is not known.
 
@@ -306,7 +306,7 @@ def plot(runs: list[Run], out: Path) -> None:
         if r.by_step:
             xs, ys = zip(*r.by_step, strict=True)
             ax_step.plot(xs, ys, **style)
-    ax_wall.set_xlabel(f"wall time since the run started ({unit})")
+    ax_wall.set_xlabel(f"wall time since training started ({unit})")
     ax_step.set_xlabel("global step (optimizer steps)")
     ax_wall.set_ylabel("val_acc (test-set accuracy, %)")
     ax_wall.set_title("val_acc against wall time")

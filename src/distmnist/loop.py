@@ -104,6 +104,7 @@ def fit(cfg: Config, run: RunDir, s: Strategy) -> dict[str, Any]:
     log_every, ckpt_every = cfg.train.log_every_n_steps, cfg.checkpoint.every_n_steps
     stop_every = cfg.checkpoint.stop_check_every_n_steps
     stop = StopRequest().install()  # left in place if training stops: a late SIGTERM must not kill the exit
+    run.begin_training(global_step)
     for epoch in range(pos["epoch"], cfg.train.epochs):
         train_batches.set_epoch(epoch)
         train_batches.skip(skip)

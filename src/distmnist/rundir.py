@@ -158,6 +158,12 @@ class RunDir:
         self.elapsed_before = float(meta.get("elapsed_s", 0.0))
 
     # --------------------------------------------------------------------------------------- records
+    def begin_training(self, global_step: int) -> None:
+        """Just before the first training step: wall_s (records, time to accuracy) counts from here, not from
+        the process start (imports, data loading, process group and Lightning setup are left out)."""
+        self.started = time.perf_counter()
+        self._last_log = (self.started, global_step)  # the progress bar's samples/s counts from here too
+
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 

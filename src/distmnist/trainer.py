@@ -102,6 +102,7 @@ class NNModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # resuming mid-epoch, Lightning skips on_train_epoch_start: count the epoch's earlier training time
+        self.run.begin_training(self.trainer.global_step)
         self._started = time.perf_counter() - self._resumed.get("epoch_train_s", 0.0)
 
     def on_train_epoch_start(self) -> None:
@@ -218,6 +219,16 @@ class RunCheckpoints(Callback):
 
 
 
+def skip_sigterm_broadcast(trainer: L.Trainer) -> None:
+    """Lightning 2.6, with several processes, broadcasts rank 0's SIGTERM flag and reads it back (`.item()`, a
+    host sync and a collective) before every training step. RunCheckpoints replaces Lightning's SIGTERM handler
+    with StopRequest (checked every checkpoint.stop_check_every_n_steps steps, checkpoint first), so that flag
+    stays 0: the per-step round trip is skipped. (Guarded: a Lightning without the method is left alone.)"""
+    loop = trainer.fit_loop.epoch_loop
+    if callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
+        loop._broadcast_sigterm_tensor = lambda: None
+
+
 def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)
     check_precision(cfg.train.precision, env.device)
@@ -247,6 +258,7 @@ def train(cfg: Config) -> dict:
         log_every_n_steps=cfg.train.log_every_n_steps,
         default_root_dir=str(run.path),
     )
+    skip_sigterm_broadcast(trainer)
     module = NNModule(cfg, run, fresh=found is None)
     ckpt_path = str(found[0]) if found else None
     if ckpt_path:

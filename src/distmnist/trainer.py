@@ -75,6 +75,14 @@ class NNModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning records the running hook's name before and after every hook call (~50 times a step);
+        # nn.Module.__setattr__'s checks for parameters/modules/buffers cost ~1.5 us each time for this string
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # ---------------------------------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
         env = replace(self.run.env, rank=self.global_rank, world_size=self.trainer.world_size, device=self.device)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -177,9 +177,22 @@ def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir:
 
 
 def quiet(baseline: Callable[[Config, int, int], dict], cfg: Config, args) -> dict:
-    """A baseline in this process, its prints (progress bars, Lightning's banner) kept out of the table."""
-    with redirect_stdout(io.StringIO()):
-        return baseline(cfg, args.epochs, args.warmup_epochs)
+    """A baseline in this process, its prints (progress bars, Lightning's banner, tips and warnings) kept out of
+    the table and the log."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return baseline(cfg, args.epochs, args.warmup_epochs)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -316,7 +316,8 @@ class EpochOrder:
 
 
 class ResidentBatches:
-    """Training batches from a split kept on the device: one gather per epoch, then slices."""
+    """Training batches from a split kept on the device, in the sampler's order (gathered per batch on the CPU,
+    per epoch on a GPU)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: EpochOrder,
                  device: torch.device) -> None:
@@ -339,9 +340,16 @@ class ResidentBatches:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.sampler.indices().to(self.images.device)
         start, self.start_step = self.start_step * self.batch_size, 0
-        x = self.images.index_select(0, idx[start:])
-        y = self.labels.index_select(0, idx[start:])
-        bs = self.batch_size
+        idx, bs = idx[start:], self.batch_size
+        if self.images.device.type == "cpu":
+            # per batch on the CPU: 938 gathers of 64 images take ~20 ms an epoch, one gather of the whole epoch
+            # ~70 ms (a 188 MB copy through memory)
+            for i in range(0, idx.shape[0], bs):
+                b = idx[i : i + bs]
+                yield self.images.index_select(0, b), self.labels.index_select(0, b)
+            return
+        # on a GPU one gather per epoch is one kernel; the batches are then slices (no launch per step)
+        x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
         for i in range(0, x.shape[0], bs):
             yield x[i : i + bs], y[i : i + bs]
 

@@ -143,7 +143,7 @@ def image_grid(images, titles: list[str], title: str, columns: int = 8, scale: i
         r, c = divmod(i, columns)
         x, y = c * cell_w, top + r * cell_h
         draw.text((x + cell_w // 2, y + 2), text, fill="black", font=font, anchor="mt")
-        tile = Image.fromarray(pixels[i], mode="L").resize((side, side), Image.NEAREST)
+        tile = Image.fromarray(pixels[i]).resize((side, side), Image.NEAREST)
         picture.paste(tile, (x + (cell_w - side) // 2, y + line))
     return np.asarray(picture)
 

@@ -109,8 +109,8 @@ class NNModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
-        # resuming mid-epoch, Lightning skips on_train_epoch_start: count the epoch's earlier training time
         self.run.begin_training(self.trainer.global_step)
+        # resuming mid-epoch, Lightning skips on_train_epoch_start: count the epoch's earlier training time
         self._started = time.perf_counter() - self._resumed.get("epoch_train_s", 0.0)
 
     def on_train_epoch_start(self) -> None:

@@ -35,7 +35,22 @@ def test_image_grid_shows_uint8_and_float_images_alike():
     b = tblog.image_grid(images.float() / 255.0, titles, "predicted / true")
     assert a.shape == b.shape and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float -> uint8 rounding only
-    # every image is in the picture, enlarged 3x: its top-left pixel value appears as a 3x3 block
-    assert a.shape[1] >= 8 * 28 * 3 and a.shape[0] >= 2 * 28 * 3
+    # every image is in the picture, enlarged 3x (each pixel a 3x3 block), in grey on all three channels
+    assert (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all()
+    for image in images[:, 0].numpy():
+        tile = np.kron(image, np.ones((3, 3), dtype=np.uint8))
+        assert _contains(a[..., 0], tile)
     empty = tblog.image_grid(images[:0], [], "nothing")
     assert empty.ndim == 3
+
+
+def _contains(picture: np.ndarray, tile: np.ndarray) -> bool:
+    """Whether `tile` appears somewhere in `picture` (both 2-D uint8)."""
+    first = tile[0].tobytes()
+    for r in range(picture.shape[0] - tile.shape[0] + 1):
+        start = picture[r].tobytes().find(first)
+        while start >= 0:
+            if (picture[r : r + tile.shape[0], start : start + tile.shape[1]] == tile).all():
+                return True
+            start = picture[r].tobytes().find(first, start + 1)
+    return False

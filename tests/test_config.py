@@ -264,25 +264,17 @@ def test_missing_config_file_names_the_file(tmp_path, monkeypatch):
     assert "no-such-shipped-config" in str(info.value)
 
 
-def test_invalid_yaml_file(tmp_path):
-    f = write(tmp_path / "broken.yaml", "data: [unclosed\noptim:\n  lr: 0.1\n")
+@pytest.mark.parametrize(
+    "name, text",
+    [("broken.yaml", "data: [unclosed\noptim:\n  lr: 0.1\n"), ("list.yaml", "- seed: 1\n- data: {}\n"),
+     ("scalar.yaml", "just a string\n")],
+    ids=["invalid-yaml", "a-list", "a-scalar"],
+)
+def test_yaml_file_that_is_not_a_config_mapping(tmp_path, name, text):
+    f = write(tmp_path / name, text)
     with pytest.raises(DistMnistError) as info:
         load_config(f)
-    assert "broken.yaml" in str(info.value)
-
-
-def test_yaml_file_that_is_a_list(tmp_path):
-    f = write(tmp_path / "list.yaml", "- seed: 1\n- data: {}\n")
-    with pytest.raises(DistMnistError) as info:
-        load_config(f)
-    assert "list.yaml" in str(info.value)
-
-
-def test_yaml_file_that_is_a_scalar(tmp_path):
-    f = write(tmp_path / "scalar.yaml", "just a string\n")
-    with pytest.raises(DistMnistError) as info:
-        load_config(f)
-    assert "scalar.yaml" in str(info.value)
+    assert name in str(info.value)
 
 
 @pytest.mark.parametrize("item", ["optim.lr", "optim.lr:0.1", "=0.1"])

@@ -29,5 +29,5 @@ for precision in 16-mixed bf16-mixed; do
     --loaders resident --out "$out/$precision" 2>&1 | grep -v '^bench:' | tee "$out/bench-$precision.txt"
 done
 echo "== bench, CUDA graph off (eager steps)"
-timeout 200 $py -m distmnist.cli bench "${common[@]}" --precision 32-true --baselines "" --strategies ddp,fabric \
+timeout 200 $py -m distmnist.cli bench "${common[@]}" --precision 32-true --baselines "" --strategies ddp,trainer,fabric \
   --loaders resident --out "$out/eager" train.cuda_graphs=false 2>&1 | grep -v '^bench:' | tee "$out/bench-eager.txt"

@@ -6,11 +6,13 @@ One set of short runs (configs/smoke.yaml: synthetic data, 2 epochs) is shared b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from procs import ok, run_module, same_weights, torchrun, weights
+from procs import child_env, ok, run_module, same_weights, torchrun, weights
 
 from distmnist import tblog
 
@@ -101,14 +103,54 @@ def test_only_rank_zero_reports(runs):
         assert len(lines) == 2, proc.stdout
 
 
-def test_ddp_arithmetic_two_ranks_equal_one_rank_double_batch(runs, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> Path:
+    """raw DDP in one process, batch 64."""
+    tmp = tmp_path_factory.mktemp("one")
+    ok(run_module("distmnist.ddp", *SMOKE, "data.batch_size=64", f"run.dir={tmp / 'ddp'}", cwd=tmp))
+    return tmp / "ddp"
+
+
+def test_ddp_arithmetic_two_ranks_equal_one_rank_double_batch(runs, one_rank):
     """2 ranks x 32 see, step by step, the same 64 samples as 1 rank x 64: same weights up to float rounding."""
-    one = tmp_path / "one"
-    ok(run_module("distmnist.ddp", *SMOKE, "data.batch_size=64", f"run.dir={one}", cwd=tmp_path))
-    a, b = weights(one), weights(runs["ddp"][0])
+    a, b = weights(one_rank), weights(runs["ddp"][0])
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff < 1e-5, diff
-    assert metrics(one)["global_step"] == metrics(runs["ddp"][0])["global_step"]
+    assert metrics(one_rank)["global_step"] == metrics(runs["ddp"][0])["global_step"]
+
+
+# The Trainer with its step inside training_step (what it does on one GPU, there replayed from a CUDA graph):
+# here StepRunner runs that step eagerly -- the path the graph falls back to for a short batch.
+TRAINER_WITH_STEP_RUNNER = """
+import sys
+from distmnist import trainer
+runners = []
+def eager_runner(module):
+    runners.append(module.step_runner(capture=False))
+    return runners[-1]
+trainer.NNModule.captured_step = eager_runner
+code = trainer.main(sys.argv[1:])
+print("step runner steps:", sum(r.steps for r in runners))
+sys.exit(code)
+"""
+
+
+def test_trainer_step_inside_training_step_equals_raw_ddp(one_rank, tmp_path):
+    """Backward inside training_step with Lightning's backward and zero_grad hooks standing aside: bit for bit the
+    weights, metrics and logged losses of raw DDP (a second backward would fail, a late zero_grad leave the weights
+    where they started)."""
+    run_dir = tmp_path / "trainer"
+    proc = ok(subprocess.run(
+        [sys.executable, "-c", TRAINER_WITH_STEP_RUNNER, *SMOKE, "data.batch_size=64", f"run.dir={run_dir}"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=240,
+    ))
+    m, ref = metrics(run_dir), metrics(one_rank)
+    assert f"step runner steps: {ref['global_step']}" in proc.stdout
+    assert same_weights(weights(run_dir), weights(one_rank))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "global_step"):
+        assert m[key] == ref[key], key
+    got, want = tblog.read_scalars(run_dir / "tb"), tblog.read_scalars(one_rank / "tb")
+    assert got["train/loss"] == want["train/loss"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -24,7 +24,7 @@ def train(tmp: Path, strategy: str, name: str, *overrides: str) -> Path:
     return tmp / name
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fabric"])
+@pytest.mark.parametrize("strategy", ["ddp", "trainer", "fabric"])
 def test_cuda_graph_step_equals_eager(tmp_path, strategy):
     graphed = train(tmp_path, strategy, "graph", "train.cuda_graphs=true")
     eager = train(tmp_path, strategy, "eager", "train.cuda_graphs=false")

@@ -66,7 +66,7 @@ class TrainConfig:
     log_every_n_steps: int = 50
     progress: bool = True  # progress bar on rank 0
     quiet: bool = False  # no progress bar, no per-epoch lines (--quiet): errors and the final line only
-    cuda_graphs: bool = True  # raw DDP and Fabric on one CUDA device: replay the step from a CUDA graph
+    cuda_graphs: bool = True  # one process on a CUDA device: replay the step from a CUDA graph (Trainer: 32-true)
 
 
 @dataclass

@@ -9,7 +9,8 @@ precision=...)`` with devices and nodes read from the launcher's environment, Li
 ``trainer.save_checkpoint`` (the ``RunCheckpoints`` callback: the same cadence and graceful stop as the other two)
 and resumed through ``ckpt_path``, and the ``TensorBoardLogger`` whose writer receives the shared tag schema. The data order
 (``use_distributed_sampler=False``: our sampler, not Lightning's), the metrics, and the records are the shared
-ones, called from the module's hooks.
+ones, called from the module's hooks. On one GPU at 32-true, training_step runs the step raw DDP and Fabric
+replay from a CUDA graph (``captured_step``); everywhere else it is Lightning's automatic optimization as written.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from distmnist.metrics import EvalMetrics, TrainTally
 from distmnist.model import build_model, build_optimizer, build_scheduler
 from distmnist.precision import check_precision
 from distmnist.rundir import RunDir
+from distmnist.steps import StepRunner
 from distmnist.stopping import StopRequest, signal_name
 
 NAME = "trainer"
@@ -67,6 +69,7 @@ class NNModule(L.LightningModule):
         self.model = build_model(cfg.model.hidden, cfg.seed)
         self.val_metrics = EvalMetrics()
         self.tally: TrainTally | None = None
+        self.graph_step: StepRunner | None = None  # set at the start of training where the step is captured
         self._step = {"lr": cfg.optim.lr}  # a plain dict: no nn.Module.__setattr__ on every step
         self._started = 0.0
         self._train_s = 0.0
@@ -109,6 +112,7 @@ class NNModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self.graph_step = self.captured_step()  # the model is on its device and the optimizer holds its parameters
         self.run.begin_training(self.trainer.global_step)
         # resuming mid-epoch, Lightning skips on_train_epoch_start: count the epoch's earlier training time
         self._started = time.perf_counter() - self._resumed.get("epoch_train_s", 0.0)
@@ -118,11 +122,41 @@ class NNModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
+        self._step["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # this step's lr (a float, no sync)
+        if self.graph_step is not None:
+            return self.graph_step(x, y)  # forward, loss, backward and tally in one graph replay
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         self.tally.update(logits, y, loss)
-        self._step["lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]  # this step's lr (a float, no sync)
         return loss
+
+    # ------------------------------------------------------------------------------- captured step
+    def captured_step(self) -> StepRunner | None:
+        """On one CUDA device at 32-true (``train.cuda_graphs``): the step raw DDP and Fabric replay from a CUDA
+        graph (``steps.StepRunner``: forward, loss, backward and the tally captured once), run inside
+        training_step. Lightning's own backward and zero_grad then have nothing left to do (the hooks below), and
+        its optimizer step reads the gradients the graph wrote: the arithmetic of the eager step. Other
+        precisions keep Lightning's backward (16-mixed: its GradScaler scales the loss there)."""
+        train = self.cfg.train
+        if train.cuda_graphs and self.device.type == "cuda" and self.trainer.world_size == 1 \
+                and train.precision == "32-true":
+            return self.step_runner(capture=True)
+        return None
+
+    def step_runner(self, capture: bool) -> StepRunner:
+        def forward_backward(x, y):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            return logits, loss
+
+        # the optimizer step is Lightning's, after training_step returns
+        params = [p for group in self.trainer.optimizers[0].param_groups for p in group["params"]]
+        return StepRunner(forward_backward, lambda: None, params, self.tally, capture)
+
+    def backward(self, loss, *args, **kwargs) -> None:
+        if self.graph_step is None:  # the captured step has back-propagated already
+            super().backward(loss, *args, **kwargs)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         x, y = batch
@@ -131,6 +165,8 @@ class NNModule(L.LightningModule):
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        if self.graph_step is not None:
+            return  # the captured step zeroes before its backward (in place: the graph owns the gradient buffers)
         for group in optimizer.param_groups:  # optimizer.zero_grad() without its per-call profiler scope
             for p in group["params"]:
                 p.grad = None

@@ -1,7 +1,8 @@
 """One optimizer step, eager or replayed from a CUDA graph -- the same arithmetic either way.
 
 A strategy supplies ``forward_backward(x, y) -> (logits, loss)`` (autocast, loss, backward) and
-``optimizer_step()`` (optimizer + GradScaler). :class:`StepRunner` composes them:
+``optimizer_step()`` (optimizer + GradScaler; a no-op for the Lightning Trainer, whose own optimizer step follows
+``training_step``). :class:`StepRunner` composes them:
 
 * eager: ``zero_grad(set_to_none=True)``, forward/backward, training tally, optimizer step;
 * captured (``train.cuda_graphs``, CUDA, one process): the first ``WARMUP_STEPS`` steps run eagerly on a side

@@ -78,9 +78,9 @@ config_facts="$("$PYTHON" - "$strategy" "${args[@]}" << 'PY'
 import sys
 
 try:
-    from distmnist.cli import strategy_parser
-    from distmnist.config import load_config
-    from distmnist.errors import report_errors
+    from distmnist.core.args import strategy_parser
+    from distmnist.core.config import load_config
+    from distmnist.core.errors import report_errors
 except ImportError as err:
     print(f"distmnist-slurm: error: cannot import distmnist with {sys.executable} ({err}); activate its "
           f"environment before sbatch", file=sys.stderr)

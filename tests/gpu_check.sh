@@ -13,7 +13,7 @@ mkdir -p "$out"
   nvidia-smi -L
   $py -c "import torch, lightning, torchmetrics; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchmetrics', torchmetrics.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee "$out/env.txt"
-$py -m distmnist.cli data prepare --name fashion-mnist --from "$gz" --root /tmp/data || exit 1
+$py -m distmnist data prepare --name fashion-mnist --from "$gz" --root /tmp/data || exit 1
 common=(--data fashion-mnist --data-root /tmp/data --accelerator cuda --epochs 1 --warmup-epochs 1)
 
 echo "== CUDA tests"
@@ -21,13 +21,13 @@ timeout 300 $py -m pytest tests/test_gpu.py -q -p no:cacheprovider --noconftest 
   | tail -n 25 | tee "$out/pytest.txt"
 
 echo "== bench, 32-true"
-timeout 400 $py -m distmnist.cli bench "${common[@]}" --precision 32-true --out "$out/fp32" 2>&1 \
+timeout 400 $py -m distmnist bench "${common[@]}" --precision 32-true --out "$out/fp32" 2>&1 \
   | grep -v '^bench:' | tee "$out/bench-fp32.txt"
 for precision in 16-mixed bf16-mixed; do
   echo "== bench, $precision"
-  timeout 300 $py -m distmnist.cli bench "${common[@]}" --precision "$precision" --baselines tutorial \
+  timeout 300 $py -m distmnist bench "${common[@]}" --precision "$precision" --baselines tutorial \
     --loaders resident --out "$out/$precision" 2>&1 | grep -v '^bench:' | tee "$out/bench-$precision.txt"
 done
 echo "== bench, CUDA graph off (eager steps)"
-timeout 200 $py -m distmnist.cli bench "${common[@]}" --precision 32-true --baselines "" --strategies ddp,trainer,fabric \
+timeout 200 $py -m distmnist bench "${common[@]}" --precision 32-true --baselines "" --strategies ddp,trainer,fabric \
   --loaders resident --out "$out/eager" train.cuda_graphs=false 2>&1 | grep -v '^bench:' | tee "$out/bench-eager.txt"

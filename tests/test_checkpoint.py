@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distmnist import checkpoint
-from distmnist.config import load_config
-from distmnist.errors import DistMnistError
-from distmnist.model import build_model, build_optimizer, build_scheduler
+from distmnist.core import checkpoint
+from distmnist.core.config import load_config
+from distmnist.core.errors import DistMnistError
+from distmnist.core.model import build_model, build_optimizer, build_scheduler
 
 
 # ------------------------------------------------------------------------------------------ atomic write

@@ -25,7 +25,7 @@ import pytest
 import torch
 import yaml
 
-from distmnist.data import RAW_FILES
+from distmnist.core.data import RAW_FILES
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RAW_NAMES = RAW_FILES  # the four standard IDX file names
@@ -349,7 +349,7 @@ def test_smoke_training_writes_the_run_dir(cli, job):
     assert saved["data"]["name"] == "synthetic"
     assert saved["run"]["dir"] == str(run_dir)
     assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file under tb/"
-    from distmnist.model import hidden_from_state_dict
+    from distmnist.core.model import hidden_from_state_dict
 
     assert hidden_from_state_dict(torch.load(run_dir / "model.pt", weights_only=True)) == [128, 128]
 
@@ -358,7 +358,7 @@ def test_smoke_training_writes_the_run_dir(cli, job):
 @pytest.mark.parametrize("job", ["smoke"])
 def test_smoke_tensorboard_tags(cli, job):
     run_dir, _ = smoke_outputs(cli, job)
-    from distmnist.tblog import read_scalars
+    from distmnist.core.tblog import read_scalars
 
     scalars = read_scalars(run_dir / "tb")
     for tag in ("train/loss", "lr", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"):
@@ -390,6 +390,6 @@ def test_evaluate_reproduces_the_final_val_acc(cli, job):
 def test_run_config_yaml_loads_back_as_a_config(cli, job):
     """A resume of another config is told to use the run's own config.yaml (rundir.check_checkpoint)."""
     run_dir, _ = smoke_outputs(cli, job)
-    from distmnist.config import load_config
+    from distmnist.core.config import load_config
 
     assert load_config(run_dir / "config.yaml") == load_config("smoke", [f"run.dir={run_dir}"])

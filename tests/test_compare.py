@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 from procs import child_env
 
-from distmnist import compare, tblog
+from distmnist.core import tblog
+from distmnist.tools import compare
 
 _script = Path(sysconfig.get_path("scripts")) / "distmnist"
 DISTMNIST = [str(_script)] if _script.is_file() else [sys.executable, "-m", "distmnist"]
-COMPARE_MODULE = [sys.executable, "-m", "distmnist.compare"]
+COMPARE_MODULE = [sys.executable, "-m", "distmnist.tools.compare"]
 RUNS = {  # run dir name: (strategy, extra overrides)
     "a": ("ddp", []),
     "b": ("fabric", ["train.epochs=3"]),

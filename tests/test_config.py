@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distmnist.config import (
+from distmnist.core.config import (
     Config,
     config_from_flat,
     flat_dict,
@@ -17,7 +17,7 @@ from distmnist.config import (
     to_yaml,
     trajectory,
 )
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = ("seed", "default", "fashion", "smoke")

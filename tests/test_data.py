@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from distmnist import data
-from distmnist.config import DataConfig, load_config
-from distmnist.data import RAW_FILES
-from distmnist.dist import DistEnv
-from distmnist.errors import DistMnistError
+from distmnist.core import data
+from distmnist.core.config import DataConfig, load_config
+from distmnist.core.data import RAW_FILES
+from distmnist.core.dist import DistEnv
+from distmnist.core.errors import DistMnistError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 RAW_NAMES = RAW_FILES  # the four standard IDX file names

@@ -14,7 +14,7 @@ import pytest
 import torch
 from procs import child_env, ok, run_module, same_weights, torchrun, weights
 
-from distmnist import tblog
+from distmnist.core import tblog
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -46,7 +46,7 @@ def test_model_pt_bit_identical_across_strategies(runs):
     for name in ("trainer", "fabric", "trainer-dataloader"):
         assert same_weights(ref, weights(runs[name][0])), f"{name} model.pt differs from ddp's"
     # and training did move the weights away from their (shared) initial values
-    from distmnist.model import build_model
+    from distmnist.core.model import build_model
 
     init = build_model([128, 128], 0).state_dict()
     assert not any(torch.equal(init[k], ref[k]) for k in init)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
 
-from distmnist import checkpoint
+from distmnist.core import checkpoint
 
 pytestmark = [pytest.mark.timeout(600)]
 slow = pytest.mark.slow
@@ -283,8 +283,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     target.write_bytes(b"the good old checkpoint")
     script = (
         "import resource, signal, sys, torch\n"
-        "from distmnist import checkpoint\n"
-        "from distmnist.errors import DistMnistError\n"
+        "from distmnist.core import checkpoint\n"
+        "from distmnist.core.errors import DistMnistError\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
         "try:\n"

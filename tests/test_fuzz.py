@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distmnist.config import Config, known_keys, load_config, parse_override
-from distmnist.data import parse_idx
-from distmnist.errors import DistMnistError
+from distmnist.core.config import Config, known_keys, load_config, parse_override
+from distmnist.core.data import parse_idx
+from distmnist.core.errors import DistMnistError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -98,7 +98,7 @@ def test_garbage_config_file_at_the_cli_is_one_line(tmp_path):
     for i, blob in enumerate([os.urandom(300), b"data: [unclosed", b"- a\n- list\n", b"\xff\xfe\x00garbage"]):
         cfg = tmp_path / f"bad{i}.yaml"
         cfg.write_bytes(blob)
-        proc = subprocess.run([sys.executable, "-m", "distmnist.cli", "train", "-c", str(cfg)],
+        proc = subprocess.run([sys.executable, "-m", "distmnist", "train", "-c", str(cfg)],
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]

@@ -8,9 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from distmnist.config import load_config
-from distmnist.errors import DistMnistError
-from distmnist.model import NNModel, build_model, build_optimizer, build_scheduler, hidden_from_state_dict
+from distmnist.core.config import load_config
+from distmnist.core.errors import DistMnistError
+from distmnist.core.model import (
+    NNModel,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    hidden_from_state_dict,
+)
 
 
 def layer_spec(model: NNModel) -> list:

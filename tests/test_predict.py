@@ -22,11 +22,11 @@ import torch
 from PIL import Image, ImageDraw
 from procs import child_env
 
-from distmnist import predict
-from distmnist.config import DataConfig
-from distmnist.data import CLASS_NAMES, load_split, to_float
-from distmnist.errors import DistMnistError
-from distmnist.model import load_model
+from distmnist.core.config import DataConfig
+from distmnist.core.data import CLASS_NAMES, load_split, to_float
+from distmnist.core.errors import DistMnistError
+from distmnist.core.model import load_model
+from distmnist.tools import predict
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 N = 50

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from procs import REPO, child_env, same_weights, weights
 
-from distmnist import tblog
+from distmnist.core import tblog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

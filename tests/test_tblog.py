@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmnist import tblog
+from distmnist.core import tblog
 
 NAMES = [f"class {i}" for i in range(10)]
 

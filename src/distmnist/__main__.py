@@ -1,5 +1,5 @@
 import sys
 
-from distmnist.cli import main
+from distmnist.tools.cli import main
 
 sys.exit(main())

@@ -15,11 +15,13 @@ import sys
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from distmnist import checkpoint, data, dist, loop
-from distmnist.config import Config
-from distmnist.model import build_model, build_optimizer, build_scheduler
-from distmnist.precision import autocast_factory, grad_scaler
-from distmnist.rundir import RunDir
+from distmnist import loop
+from distmnist.core import checkpoint, data, dist
+from distmnist.core.args import strategy_main
+from distmnist.core.config import Config
+from distmnist.core.model import build_model, build_optimizer, build_scheduler
+from distmnist.core.precision import autocast_factory, grad_scaler
+from distmnist.core.run import RunDir
 
 NAME = "ddp"
 
@@ -70,10 +72,7 @@ def train(cfg: Config) -> dict:
         return loop.fit(cfg, RunDir(cfg, NAME, env), strategy)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from distmnist.cli import run_strategy
-
-    return run_strategy(NAME, argv)
+main = strategy_main(NAME, train)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 
-from distmnist import checkpoint, data, dist, loop
-from distmnist.config import Config
-from distmnist.model import build_model, build_optimizer, build_scheduler
-from distmnist.precision import check_precision
-from distmnist.rundir import RunDir
+from distmnist import loop
+from distmnist.core import checkpoint, data, dist
+from distmnist.core.args import strategy_main
+from distmnist.core.config import Config
+from distmnist.core.model import build_model, build_optimizer, build_scheduler
+from distmnist.core.precision import check_precision
+from distmnist.core.run import RunDir
 
 NAME = "fabric"
 
@@ -76,10 +78,7 @@ def train(cfg: Config) -> dict:
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    from distmnist.cli import run_strategy
-
-    return run_strategy(NAME, argv)
+main = strategy_main(NAME, train)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from distmnist import checkpoint, data, dist
-from distmnist.config import Config
-from distmnist.errors import Stopped
-from distmnist.metrics import EvalMetrics, TrainTally, evaluate
-from distmnist.rundir import RunDir
-from distmnist.steps import StepRunner
-from distmnist.stopping import StopRequest, signal_name
+from distmnist.core import checkpoint, data, dist
+from distmnist.core.config import Config
+from distmnist.core.errors import Stopped
+from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
+from distmnist.core.run import RunDir
+from distmnist.core.steps import StepRunner
+from distmnist.core.stopping import StopRequest, signal_name
 
 
 @dataclass

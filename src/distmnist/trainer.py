@@ -29,15 +29,16 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from distmnist import checkpoint, data, dist
-from distmnist.config import Config
-from distmnist.errors import Stopped
-from distmnist.metrics import EvalMetrics, TrainTally
-from distmnist.model import build_model, build_optimizer, build_scheduler
-from distmnist.precision import check_precision
-from distmnist.rundir import RunDir
-from distmnist.steps import StepRunner
-from distmnist.stopping import StopRequest, signal_name
+from distmnist.core import checkpoint, data, dist
+from distmnist.core.args import strategy_main
+from distmnist.core.config import Config
+from distmnist.core.errors import Stopped
+from distmnist.core.metrics import EvalMetrics, TrainTally
+from distmnist.core.model import build_model, build_optimizer, build_scheduler
+from distmnist.core.precision import check_precision
+from distmnist.core.run import RunDir
+from distmnist.core.steps import StepRunner
+from distmnist.core.stopping import StopRequest, signal_name
 
 NAME = "trainer"
 
@@ -319,10 +320,7 @@ def train(cfg: Config) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    from distmnist.cli import run_strategy
-
-    return run_strategy(NAME, argv)
+main = strategy_main(NAME, train)
 
 
 if __name__ == "__main__":

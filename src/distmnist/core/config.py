@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 DATASETS = ("mnist", "fashion-mnist", "synthetic")
 LOADERS = ("resident", "dataloader")
@@ -28,7 +28,7 @@ ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
 
 # The folder of shipped configs when running from a checkout (editable install); `-c fashion` finds it.
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 @dataclass

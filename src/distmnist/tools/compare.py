@@ -3,7 +3,7 @@
     distmnist compare runs/ddp runs/trainer runs/fabric                  # the table
     distmnist compare runs/* --out compare.png                           # + val_acc against wall time and step
     distmnist compare runs/ddp runs/fabric --json                        # the rows as JSON, for scripts
-    python -m distmnist.compare RUN_DIR...                               # the same
+    python -m distmnist.tools.compare RUN_DIR...                               # the same
 
 `tensorboard --logdir runs` opens all runs in one TensorBoard: every run dir's tb/ becomes one run there, with
 the same tags (train/loss, val/acc, ...) against the global step.
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distmnist.errors import DistMnistError, report_errors
+from distmnist.core.errors import DistMnistError, report_errors
 
 TENSORBOARD_HINT = "`tensorboard --logdir runs` opens all runs in one TensorBoard (each run dir's tb/ is one run)."
 HEADER = re.compile(r"^# distmnist run: strategy=(\w+) world_size=(\d+) device=(\S+)")
@@ -333,7 +333,7 @@ def plot(runs: list[Run], out: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from distmnist.cli import Parser
+    from distmnist.core.args import Parser
 
     doc = __doc__.split("\n\n")
     p = Parser(prog="distmnist compare", description="\n\n".join(doc[:3]), epilog="\n\n".join(doc[3:]),

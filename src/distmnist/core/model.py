@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 IMAGE_SIZE = 28 * 28
 NUM_CLASSES = 10

@@ -12,7 +12,7 @@ import signal
 
 import torch
 
-from distmnist import dist
+from distmnist.core import dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

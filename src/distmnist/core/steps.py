@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from distmnist.metrics import TrainTally
+from distmnist.core.metrics import TrainTally
 
 WARMUP_STEPS = 3
 

@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distmnist import data
-from distmnist.config import STRATEGIES, Config, load_config
-from distmnist.dist import pick_device
-from distmnist.errors import DistMnistError, report_errors
-from distmnist.model import build_model, build_optimizer
+from distmnist.core import data
+from distmnist.core.config import STRATEGIES, Config, load_config
+from distmnist.core.dist import pick_device
+from distmnist.core.errors import DistMnistError, report_errors
+from distmnist.core.model import build_model, build_optimizer
 
 COLUMNS = ("row", "strategy", "loader", "world_size", "precision", "device", "s_per_epoch", "samples_per_sec",
            "x_tutorial", "x_tutorial_lightning", "val_acc")
@@ -197,7 +197,7 @@ def quiet(baseline: Callable[[Config, int, int], dict], cfg: Config, args) -> di
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None):
-    from distmnist.cli import Parser
+    from distmnist.core.args import Parser
 
     p = Parser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", default="seed", help="recipe for every row (default: seed, the tutorial's)")
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DistMnistError(f"bench: {flag} must be at least {least}, got {value}")
     cfg, cfg_args = bench_config(args)
     if cfg.data.name != "synthetic":
-        from distmnist.dist import read_env
+        from distmnist.core.dist import read_env
 
         data.ensure_available(cfg.data, read_env("cpu"))
     out = Path(args.out)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 FORMAT = "distmnist-checkpoint/1"
 SUFFIX = ".ckpt"

@@ -19,8 +19,8 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from distmnist import dist
-from distmnist.model import NUM_CLASSES
+from distmnist.core import dist
+from distmnist.core.model import NUM_CLASSES
 
 
 class EvalMetrics(nn.Module):

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from distmnist import checkpoint, config, tblog
-from distmnist.config import Config
-from distmnist.data import CLASS_NAMES
-from distmnist.dist import DistEnv
-from distmnist.errors import DistMnistError
-from distmnist.model import hidden_from_state_dict
+from distmnist.core import checkpoint, config, tblog
+from distmnist.core.config import Config
+from distmnist.core.data import CLASS_NAMES
+from distmnist.core.dist import DistEnv
+from distmnist.core.errors import DistMnistError
+from distmnist.core.model import hidden_from_state_dict
 
 OWNER = re.compile(r"^# distmnist run: strategy=(\w+)")
 

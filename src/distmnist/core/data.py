@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from distmnist import dist
-from distmnist.checkpoint import atomic_open
-from distmnist.config import Config, DataConfig
-from distmnist.errors import DistMnistError
+from distmnist.core import dist
+from distmnist.core.checkpoint import atomic_open
+from distmnist.core.config import Config, DataConfig
+from distmnist.core.errors import DistMnistError
 
 # torchvision's class name (its folder under data.root) per data set
 TORCHVISION_CLASS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 
 @dataclass(frozen=True)

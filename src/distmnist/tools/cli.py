@@ -13,37 +13,12 @@ entry points.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-from distmnist.config import STRATEGIES, load_config
-from distmnist.errors import USAGE_EXIT, DistMnistError, report_errors
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit code 2 (argparse's own code)."""
-
-    def error(self, message: str):  # noqa: D401
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(USAGE_EXIT)
-
-
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", help="YAML config file, or the name of a shipped one (default, fashion...)")
-    p.add_argument("-q", "--quiet", action="store_true",
-                   help="for scripts: no progress bar, no per-epoch lines (the same as train.quiet=true)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. optim.lr=0.1")
-
-
-def config_of(args) -> list[str]:
-    return [*args.overrides, *(["train.quiet=true"] if args.quiet else [])]
-
-
-def strategy_parser(prog: str) -> Parser:
-    p = Parser(prog=prog, description="Train NNModel; config = YAML file + section.key=value overrides.")
-    add_config_args(p)
-    return p
+from distmnist.core.args import Parser, add_config_args, config_of
+from distmnist.core.config import STRATEGIES, load_config
+from distmnist.core.errors import DistMnistError, report_errors
 
 
 def train_with(strategy: str, cfg) -> dict:
@@ -53,20 +28,12 @@ def train_with(strategy: str, cfg) -> dict:
     return module.train(cfg)
 
 
-@report_errors
-def run_strategy(strategy: str, argv: list[str] | None = None) -> int:
-    """`python -m distmnist.<strategy> [-c CONFIG] [key=value ...]`."""
-    args = strategy_parser(f"python -m distmnist.{strategy}").parse_intermixed_args(argv)
-    train_with(strategy, load_config(args.config, config_of(args)))
-    return 0
-
-
 # commands whose module has its own main(argv) and --help
 DELEGATED = {
-    "evaluate": ("distmnist.evaluate", "exact test-set accuracy and loss of a model.pt, any number of processes"),
-    "bench": ("distmnist.bench", "speed of the strategies against the tutorial loops, one table"),
-    "compare": ("distmnist.compare", "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
-    "predict": ("distmnist.predict", "classify image files with a model.pt"),
+    "evaluate": ("distmnist.tools.evaluate", "exact test-set accuracy and loss of a model.pt, any number of processes"),
+    "bench": ("distmnist.tools.bench", "speed of the strategies against the tutorial loops, one table"),
+    "compare": ("distmnist.tools.compare", "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
+    "predict": ("distmnist.tools.predict", "classify image files with a model.pt"),
 }
 
 
@@ -104,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "data":
-        from distmnist.data import prepare
+        from distmnist.core.data import prepare
 
         dest = prepare(args.name, args.source, args.root)
         print(f"{args.name}: four IDX files checked and placed in {dest}")

@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from distmnist.errors import DistMnistError
+from distmnist.core.errors import DistMnistError
 
 AUTOCAST_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 

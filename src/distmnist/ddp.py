@@ -3,9 +3,10 @@
     torchrun --nproc_per_node=4 -m distmnist.ddp [-c CONFIG] [section.key=value ...]
     python -m distmnist.ddp ...            # one process, no process group
 
-What is specific to raw DDP: the process group (``dist.py``), wrapping the model in
-``DistributedDataParallel``, ``torch.autocast`` + ``GradScaler`` for mixed precision, and saving checkpoints
-from rank 0. The loop, data, metrics and logging are the shared ones (``loop.py``).
+The lifecycle reads top to bottom: process group, data, model, DDP wrap, optimizer, then
+``for epoch: set_epoch; for batch: step``, checkpoint, evaluate, record. What is shared with ``fabric.py`` and
+``trainer.py`` (data order, model, step runner, metrics, records, checkpoint policy) lives in ``distmnist.core``
+and is called by name; ``diff ddp.py fabric.py`` shows only what differs between the two APIs.
 """
 
 from __future__ import annotations
@@ -15,30 +16,41 @@ import sys
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from distmnist import loop
 from distmnist.core import checkpoint, data, dist
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
+from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import autocast_factory, grad_scaler
+from distmnist.core.records import Records
 from distmnist.core.run import RunDir
+from distmnist.core.state import TrainState
+from distmnist.core.steps import StepRunner, capture_applies
+from distmnist.core.stopping import CheckpointCadence
 
 NAME = "ddp"
 
 
 def train(cfg: Config) -> dict:
-    env = dist.read_env(cfg.train.accelerator)
+    env = dist.read_env(cfg.train.accelerator)  # rank, world size, device from torchrun / SLURM
     autocast = autocast_factory(cfg.train.precision, env.device)
+    run = RunDir(cfg, NAME, env)
+    found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
     with dist.process_group(env, cfg.dist.timeout_s):
+        records = Records(run)
+        data.ensure_available(cfg.data, env)
+        split = data.load_split(cfg.data, train=True)
+        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        eval_batches = data.eval_batches(cfg, env)
+
         model = build_model(cfg.model.hidden, cfg.seed).to(env.device)
-        optimizer = build_optimizer(cfg.optim, model.parameters())
-        total_steps = cfg.train.epochs * data.steps_per_epoch(cfg.data, env.world_size)
-        scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
-        scaler = grad_scaler(cfg.train.precision, env.device)
         # one process needs no DDP wrapper: same arithmetic (averaging over 1 rank), no bucket overhead
         net = model
         if env.world_size > 1:
             net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        optimizer = build_optimizer(cfg.optim, model.parameters())
+        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
+        scaler = grad_scaler(cfg.train.precision, env.device)  # active for 16-mixed only
 
         def forward_backward(x, y):
             with autocast():
@@ -51,29 +63,57 @@ def train(cfg: Config) -> dict:
             scaler.step(optimizer)
             scaler.update()
 
-        def save(path, state):
-            if env.is_zero:
-                checkpoint.save_state(path, state)
-            dist.barrier()
+        tally = TrainTally(env.device)
+        # zero_grad, forward_backward, tally, optimizer_step -- eagerly, or replayed from a CUDA graph (one GPU)
+        step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env))
+        stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
-        strategy = loop.Strategy(
-            name=NAME,
-            env=env,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            forward_backward=forward_backward,
-            optimizer_step=optimizer_step,
-            autocast=autocast,
-            state={"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler},
-            save=save,
-            load=lambda path, state: checkpoint.load_state(checkpoint.read(path), state),
-        )
-        return loop.fit(cfg, RunDir(cfg, NAME, env), strategy)
+        def save_checkpoint(state: TrainState):
+            state.tally = tally.state()  # a collective: every rank is here at the same step
+            path = run.checkpoint_path(state.global_step)
+            if env.is_zero:
+                checkpoint.save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
+            dist.barrier()
+            run.prune()
+            return path
+
+        state = TrainState()
+        if (path := run.agreed(found)) is not None:  # rank 0's choice, loaded by every rank
+            rest = checkpoint.load_state(checkpoint.read(path), stateful)
+            state = records.resume(rest["distmnist"])
+            records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
+        tally.restore(state.tally, env.is_zero)
+        records.start(split, fresh=path is None)
+
+        metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
+        cadence = CheckpointCadence(cfg, env.device).install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75
+        records.begin_training(state)
+        for epoch in range(state.epoch, cfg.train.epochs):
+            train_batches.set_epoch(epoch)
+            train_batches.skip(state.step_in_epoch)
+            records.begin_epoch(state)
+            for x, y in records.progress(train_batches, state):
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                loss = step(x, y)
+                state.advance()
+                records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
+                scheduler.step()
+                if cadence.due(state, len(train_batches)):
+                    path = save_checkpoint(state)
+                    cadence.stop_if_signalled(state, path)
+            train_s = records.epoch_seconds(sync=True)
+            val = evaluate(model, eval_batches, metrics, autocast, env.device)
+            records.end_epoch(state, tally.compute(), val, train_s)
+            state.next_epoch()
+            save_checkpoint(state)
+        cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
+
+        summary = records.finish(model, state)
+        dist.barrier()
+        return summary
 
 
 main = strategy_main(NAME, train)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,38 +1,42 @@
-"""Lightning Fabric: our own loop, Fabric takes care of devices, DDP, precision and launching.
+"""Lightning Fabric: our own loop; Fabric takes care of devices, DDP, precision and launching.
 
     torchrun --nproc_per_node=4 -m distmnist.fabric [-c CONFIG] [section.key=value ...]
     python -m distmnist.fabric ...          # one process
 
-What is specific to Fabric: ``Fabric(accelerator, strategy, devices, num_nodes, precision)`` with devices and
-nodes read from the launcher's environment, ``fabric.launch()``, ``fabric.setup(model, optimizer)``,
-``fabric.autocast()`` + ``fabric.backward(loss)``, and ``fabric.save`` / ``fabric.load`` for checkpoints. The
-loop, data, metrics and records are the shared ones (``loop.py``), the same as raw DDP's.
+The same lifecycle as ``ddp.py``, line for line, in Fabric's API: ``Fabric(accelerator, strategy, devices,
+num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup(model, optimizer)``, ``fabric.autocast()`` +
+``fabric.backward(loss)``, ``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from datetime import timedelta
 
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 
-from distmnist import loop
 from distmnist.core import checkpoint, data, dist
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
+from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import check_precision
+from distmnist.core.records import Records
 from distmnist.core.run import RunDir
+from distmnist.core.state import TrainState
+from distmnist.core.steps import StepRunner, capture_applies
+from distmnist.core.stopping import CheckpointCadence
 
 NAME = "fabric"
 
 
 def train(cfg: Config) -> dict:
-    env = dist.read_env(cfg.train.accelerator)
+    env = dist.read_env(cfg.train.accelerator)  # rank, world size, device from torchrun / SLURM
     check_precision(cfg.train.precision, env.device)
+    run = RunDir(cfg, NAME, env)
+    found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
     fabric = Fabric(
         accelerator=env.device.type,
         devices=env.local_world_size,
@@ -41,13 +45,19 @@ def train(cfg: Config) -> dict:
         precision=cfg.train.precision,
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
     )
-    fabric.launch()
-    env = replace(env, rank=fabric.global_rank, world_size=fabric.world_size, device=fabric.device)
+    fabric.launch()  # joins the process group
     try:
+        records = Records(run)
+        data.ensure_available(cfg.data, env)
+        split = data.load_split(cfg.data, train=True)
+        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        eval_batches = data.eval_batches(cfg, env)
+
         model = build_model(cfg.model.hidden, cfg.seed)
         optimizer = build_optimizer(cfg.optim, model.parameters())
-        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * data.steps_per_epoch(cfg.data, env.world_size))
+        scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         net, optimizer = fabric.setup(model, optimizer)  # moves `model` to the device, wraps it in DDP
+        scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the precision plugin's GradScaler
 
         def forward_backward(x, y):
             with fabric.autocast():
@@ -56,30 +66,57 @@ def train(cfg: Config) -> dict:
             fabric.backward(loss)
             return logits, loss
 
-        state = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
-        scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the plugin's GradScaler
-        if scaler is not None:
-            state["scaler"] = scaler
-        strategy = loop.Strategy(
-            name=NAME,
-            env=env,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            forward_backward=forward_backward,
-            optimizer_step=optimizer.step,
-            autocast=fabric.autocast,
-            state=state,
-            save=fabric.save,
-            load=fabric.load,
-        )
-        return loop.fit(cfg, RunDir(cfg, NAME, env), strategy)
+        tally = TrainTally(env.device)
+        # zero_grad, forward_backward, tally, optimizer.step -- eagerly, or replayed from a CUDA graph (one GPU)
+        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env))
+        stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if scaler else {})}
+
+        def save_checkpoint(state: TrainState):
+            state.tally = tally.state()  # a collective: every rank is here at the same step
+            path = run.checkpoint_path(state.global_step)
+            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes, all wait
+            run.prune()
+            return path
+
+        state = TrainState()
+        if (path := run.agreed(found)) is not None:  # rank 0's choice, loaded by every rank
+            rest = fabric.load(path, stateful)
+            state = records.resume(rest["distmnist"])
+            records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
+        tally.restore(state.tally, env.is_zero)
+        records.start(split, fresh=path is None)
+
+        metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
+        cadence = CheckpointCadence(cfg, env.device).install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75
+        records.begin_training(state)
+        for epoch in range(state.epoch, cfg.train.epochs):
+            train_batches.set_epoch(epoch)
+            train_batches.skip(state.step_in_epoch)
+            records.begin_epoch(state)
+            for x, y in records.progress(train_batches, state):
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                loss = step(x, y)
+                state.advance()
+                records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
+                scheduler.step()
+                if cadence.due(state, len(train_batches)):
+                    path = save_checkpoint(state)
+                    cadence.stop_if_signalled(state, path)
+            train_s = records.epoch_seconds(sync=True)
+            val = evaluate(model, eval_batches, metrics, fabric.autocast, env.device)
+            records.end_epoch(state, tally.compute(), val, train_s)
+            state.next_epoch()
+            save_checkpoint(state)
+        cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
+
+        summary = records.finish(model, state)
+        fabric.barrier()
+        return summary
     finally:
         dist.destroy_process_group()
 
 
 main = strategy_main(NAME, train)
-
 
 if __name__ == "__main__":
     sys.exit(main())

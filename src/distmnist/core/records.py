@@ -1,0 +1,187 @@
+"""What a run records, in one format for every strategy (rank 0 writes): the console lines and progress bar,
+TensorBoard (the ``tblog`` schema), the per-epoch history, and at the end ``model.pt`` and ``metrics.json``.
+
+Where these files live is ``run.py``; every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from distmnist.core import checkpoint, config, tblog
+from distmnist.core.data import CLASS_NAMES
+from distmnist.core.run import RunDir
+from distmnist.core.state import TrainState
+
+
+class Records:
+    def __init__(self, run: RunDir) -> None:
+        self.run, self.cfg, self.env, self.strategy = run, run.cfg, run.env, run.strategy
+        self.tb = tblog.TBLog(None)
+        self.history: list[dict[str, Any]] = []
+        self.elapsed_before = 0.0  # seconds of earlier runs of this run dir (resume)
+        self.started = time.perf_counter()
+        self.epoch_started = self.started
+        self._last_log = (self.started, 0)
+        self.bar: tqdm | None = None
+
+    def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
+        """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
+        Lightning's; else its own), recording the hyperparameters and a grid of `samples` (training images,
+        labels) when the run starts from scratch."""
+        if not self.env.is_zero:
+            return
+        self.run.write_config()
+        self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.run.tb_dir))
+        if fresh:
+            self.tb.hparams({**config.flat_dict(self.cfg), "strategy": self.strategy, "world_size": self.env.world_size})
+            self.tb.samples(samples[0][:32], samples[1][:32], CLASS_NAMES[self.cfg.data.name])
+
+    def resume(self, meta: dict[str, Any]) -> TrainState:
+        """The position a checkpoint's ``"distmnist"`` entry holds; the history and clock continue from it."""
+        state = TrainState()
+        state.load_state_dict(meta)
+        self.history = list(meta.get("history", []))
+        self.elapsed_before = state.elapsed_s
+        return state
+
+    def checkpoint_meta(self, state: TrainState) -> dict[str, Any]:
+        """The ``"distmnist"`` entry of a checkpoint at `state` (the clocks read now)."""
+        state.elapsed_s = self.elapsed()
+        state.epoch_train_s = self.epoch_seconds() if state.step_in_epoch else 0.0
+        return self.run.meta(state, self.history)
+
+    # ------------------------------------------------------------------------------------------ clock
+    def begin_training(self, state: TrainState) -> None:
+        """Just before the first training step: wall_s (records, time to accuracy) counts from here, not from
+        the process start (imports, data loading, process group and Lightning setup are left out)."""
+        self.started = time.perf_counter()
+        self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
+        if state.epoch >= self.cfg.train.epochs:
+            self.say(f"{self.run.path} already holds {state.epoch} epochs; raise train.epochs to train more",
+                     always=True)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def begin_epoch(self, state: TrainState) -> None:
+        """The epoch's training clock (continued from a mid-epoch checkpoint)."""
+        self.epoch_started = time.perf_counter() - state.epoch_train_s
+
+    def epoch_seconds(self, sync: bool = False) -> float:
+        """Training seconds of this epoch so far (`sync`: after the device has finished its queued work)."""
+        if sync and self.env.device.type == "cuda":
+            torch.cuda.synchronize(self.env.device)
+        return time.perf_counter() - self.epoch_started
+
+    # ---------------------------------------------------------------------------------------- console
+    def say(self, message: str, always: bool = False) -> None:
+        """One line on rank 0 (not with train.quiet, unless `always`)."""
+        if self.env.is_zero and (always or not self.cfg.train.quiet):
+            print(f"[{self.strategy}] {message}", flush=True)
+
+    @property
+    def show_progress(self) -> bool:
+        return self.env.is_zero and self.cfg.train.progress and not self.cfg.train.quiet
+
+    def progress(self, batches: Iterable, state: TrainState) -> Iterator:
+        """`batches` with a progress bar on rank 0 (raw DDP and Fabric; the Trainer has Lightning's)."""
+        self.bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}",
+                        disable=not self.show_progress, unit="step", mininterval=0.5, leave=False, dynamic_ncols=True)
+        try:
+            for batch in batches:
+                yield batch
+                self.bar.update()
+        finally:
+            self.bar.close()
+
+    def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> dict[str, float]:
+        """Every train.log_every_n_steps steps (else nothing): train/loss and lr to TensorBoard, the one host sync
+        of the step path (rank 0 only). Returns the loss and the samples/s since the previous call."""
+        if global_step % self.cfg.train.log_every_n_steps or not self.env.is_zero:
+            return {}
+        value = float(loss.detach())
+        self.tb.step(global_step, value, lr)
+        now = time.perf_counter()
+        last_time, last_step = self._last_log
+        self._last_log = (now, global_step)
+        rate = (global_step - last_step) * self.cfg.data.batch_size * self.env.world_size / max(now - last_time, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(step=global_step, loss=f"{value:.4f}", **{"samples/s": f"{rate:,.0f}"}, refresh=False)
+        return {"loss": value, "samples/s": rate}
+
+    # --------------------------------------------------------------------------------------- per epoch
+    def end_epoch(self, state: TrainState, train: dict, val: dict, train_s: float) -> dict:
+        """One epoch's record: printed as one line on rank 0, logged to TensorBoard, kept for metrics.json."""
+        val = dict(val)
+        wrong = val.pop("wrong", None)  # rank 0's misclassified test images: for TensorBoard, not the record
+        record = {
+            "epoch": state.epoch + 1,
+            "global_step": state.global_step,
+            **train,
+            **val,
+            "epoch_s": train_s,
+            "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
+            "wall_s": self.elapsed(),
+        }
+        if self.env.device.type == "cuda":
+            record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
+        self.history.append(record)
+        if self.env.is_zero:
+            self.tb.epoch(state.global_step, record, CLASS_NAMES[self.cfg.data.name], wrong)
+            self.say(
+                f"epoch {state.epoch + 1}/{self.cfg.train.epochs} step {state.global_step} "
+                f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
+                f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
+                f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
+                f"{train_s:.2f} s"
+            )
+        return record
+
+    # ---------------------------------------------------------------------------------------- the end
+    def summary(self, global_step: int) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        train_s = sum(r["epoch_s"] for r in self.history)
+        samples = sum(r["train_samples"] for r in self.history)
+        return {
+            "strategy": self.strategy,
+            "world_size": self.env.world_size,
+            "num_nodes": self.env.num_nodes,
+            "device": self.env.device.type,
+            "precision": self.cfg.train.precision,
+            "dataset": self.cfg.data.name,
+            "loader": self.cfg.data.loader,
+            "batch_size": self.cfg.data.batch_size,
+            "global_batch_size": self.cfg.data.batch_size * self.env.world_size,
+            "epochs": len(self.history),
+            "global_step": global_step,
+            "val_acc": last.get("val_acc"),
+            "val_loss": last.get("val_loss"),
+            "val_samples": last.get("val_samples"),
+            "train_loss": last.get("train_loss"),
+            "train_acc": last.get("train_acc"),
+            "train_samples_per_sec": samples / train_s if train_s > 0 else None,
+            "wall_s": self.elapsed(),
+            "history": self.history,
+        }
+
+    def finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
+        """model.pt and metrics.json, written by rank 0."""
+        summary = self.summary(state.global_step)
+        if self.env.is_zero:
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            checkpoint.atomic_torch_save(weights, self.run.model_pt)
+            checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
+            self.say(
+                f"done: val_acc {summary['val_acc']:.4f} after {summary['epochs']} epochs; "
+                f"wrote {self.run.model_pt} and {self.run.metrics_json}",
+                always=True,
+            )
+        self.tb.close()
+        return summary

@@ -1,0 +1,120 @@
+"""Everything distmnist does to Lightning beyond its public API, in one place (written against Lightning 2.6).
+
+``trainer.py`` is plain Lightning; this module holds what it needs for speed or for a clean run and that a
+reader copying the Trainer pattern can leave out. Each piece names what it relies on, falls back to stock
+behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails when an upgrade changes it.
+
+* :func:`tuned` -- the LightningModule with per-step costs removed (``_current_fx_name`` writes, the profiler
+  scope of ``zero_grad``, a device transfer of batches already on the device) and, on one GPU at 32-true, the
+  step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
+* :func:`skip_sigterm_broadcast` -- Lightning's per-step SIGTERM broadcast (a collective and a host sync).
+* :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
+* :func:`hush` -- Lightning's start-up lines that say nothing about this run.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from distmnist.core.steps import StepRunner, parameters, zero_grad
+
+LIGHTNING_VERSION = "2.6"  # the version these workarounds were written and tested against
+
+
+class FastHooks:
+    """Per-step costs of Lightning's hooks, removed (mix in before a LightningModule)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        # Lightning records the running hook's name in `_current_fx_name` before and after every hook call (~50
+        # times a step); nn.Module.__setattr__'s checks for parameters/modules/buffers cost ~1.5 us each time
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        zero_grad(parameters(optimizer))  # optimizer.zero_grad() without its per-call profiler scope
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        x, y = batch
+        if x.device == device:  # resident batches are there already
+            return batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+class GraphStep:
+    """training_step replays the step of raw DDP and Fabric (``core.steps.StepRunner``: forward, loss, backward
+    and the tally captured once into a CUDA graph); Lightning's own backward and zero_grad then have nothing left
+    to do, and its optimizer step reads the gradients the graph wrote -- the arithmetic of the eager step.
+    Only where the step is captured (one CUDA device) at 32-true: 16-mixed scales the loss in Lightning's backward,
+    bf16-mixed enters autocast outside the capture."""
+
+    capture = True  # False: the same arrangement run eagerly (what a short last batch does; the CPU test)
+
+    def on_train_start(self) -> None:
+        super().on_train_start()  # the model is on its device and the optimizer holds its parameters
+
+        def forward_backward(x, y):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            return logits, loss
+
+        # the optimizer step is Lightning's, after training_step returns
+        self.step_runner = StepRunner(forward_backward, lambda: None, self.trainer.optimizers[0], self.tally,
+                                      self.capture)
+
+    def training_step(self, batch, batch_idx) -> torch.Tensor:
+        return self.step_runner(*batch)
+
+    def backward(self, loss, *args, **kwargs) -> None:
+        pass  # the step runner has back-propagated
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
+        pass  # the step runner zeroes before its backward (in place: the graph owns the gradient buffers)
+
+
+def tuned(module_class: type, graph_step: bool = False) -> type:
+    """`module_class` with :class:`FastHooks` (and :class:`GraphStep`): the same arithmetic, fewer costs."""
+    bases = (GraphStep, FastHooks, module_class) if graph_step else (FastHooks, module_class)
+    return type(f"Tuned{module_class.__name__}", bases, {})
+
+
+def skip_sigterm_broadcast(trainer) -> None:
+    """Lightning 2.6, with several processes, broadcasts rank 0's SIGTERM flag and reads it back (`.item()`, a
+    host sync and a collective) before every training step. distmnist replaces Lightning's SIGTERM handler with
+    its own (core.stopping: checked every checkpoint.stop_check_every_n_steps steps, checkpoint first), so that
+    flag stays 0 and the per-step round trip is skipped. A Lightning without the method is left alone."""
+    loop = trainer.fit_loop.epoch_loop
+    if callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
+        loop._broadcast_sigterm_tensor = lambda: None
+
+
+class RunLogger(TensorBoardLogger):
+    """Lightning's TensorBoardLogger, except that a run stopped before it started (missing data, say) leaves no
+    event file behind: finalize() does not create the writer just to flush it (`_experiment` is None until the
+    first use; without that attribute, stock behaviour)."""
+
+    def finalize(self, status: str) -> None:
+        if getattr(self, "_experiment", True) is not None:
+            super().finalize(status)
+
+
+def hush(quiet: bool) -> None:
+    """Lightning's lines that say nothing about this run; with train.quiet its banner too ("GPU available...")."""
+    # 2.6 advertises a cloud logger on every start and trips a torch deprecation in its own pytree code
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # its hint about srun is moot: the cluster environment is chosen explicitly (dist.lightning_environment)
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available")
+    # mid-epoch resume is handled (RunCheckpoints.on_load_checkpoint positions the loader), unlike what it fears
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+    # FastHooks.transfer_batch_to_device is meant to replace the data module's (which it does not override)
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
+    if quiet:
+        logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""Tools beside the strategies: the `distmnist` command, bench, compare, predict, evaluate."""

@@ -1,0 +1,63 @@
+"""What distmnist/lightning_internals.py relies on in Lightning: these fail when an upgrade changes it.
+
+(That the captured-step arrangement computes what raw DDP computes is test_distributed.py's
+test_trainer_step_inside_training_step_equals_raw_ddp; here, the names and hooks it depends on.)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import pytest
+import torch
+
+from distmnist import lightning_internals
+from distmnist.core.config import load_config
+from distmnist.trainer import NNModule
+
+
+def test_lightning_is_the_version_the_workarounds_were_written_for():
+    major_minor = ".".join(L.__version__.split(".")[:2])
+    assert major_minor == lightning_internals.LIGHTNING_VERSION, (
+        f"Lightning {L.__version__}: re-check lightning_internals.py against it, then update LIGHTNING_VERSION"
+    )
+
+
+def test_sigterm_broadcast_is_still_a_method_of_the_epoch_loop_and_is_skipped():
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loop = trainer.fit_loop.epoch_loop
+    assert callable(getattr(loop, "_broadcast_sigterm_tensor", None))
+    lightning_internals.skip_sigterm_broadcast(trainer)
+    assert loop._broadcast_sigterm_tensor() is None
+
+
+def test_lightning_names_the_running_hook_in_current_fx_name():
+    module = lightning_internals.tuned(NNModule)(load_config("smoke"))
+    assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply
+    module._current_fx_name = "training_step"
+    assert module._current_fx_name == "training_step"
+    module.extra = torch.nn.Linear(1, 1)  # every other attribute still goes through nn.Module.__setattr__
+    assert "extra" in dict(module.named_children())
+
+
+def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
+    logger = lightning_internals.RunLogger(save_dir=str(tmp_path), name="tb", version="")
+    assert logger._experiment is None
+    logger.finalize("failed")
+    assert not any(tmp_path.rglob("events.out.tfevents.*")), "finalize() of an unused logger wrote an event file"
+    logger.experiment.add_scalar("x", 1.0, 0)
+    logger.finalize("success")
+    assert any(tmp_path.rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("graph_step", [False, True])
+def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
+    tuned = lightning_internals.tuned(NNModule, graph_step)
+    hooks = ["optimizer_zero_grad", "transfer_batch_to_device"] + (["training_step", "backward"] if graph_step else [])
+    for hook in hooks:  # the hooks it replaces are still Lightning's hooks, called with the same parameters
+        ours, theirs = inspect.signature(getattr(tuned, hook)), inspect.signature(getattr(L.LightningModule, hook))
+        assert getattr(tuned, hook) is not getattr(L.LightningModule, hook)
+        if not any(p.kind is p.VAR_POSITIONAL for p in theirs.parameters.values()):
+            assert list(ours.parameters)[:3] == list(theirs.parameters)[:3], hook

@@ -9,6 +9,7 @@ unknown key, a wrong type or an impossible value raises :class:`DistMnistError` 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
 
-# The folder of shipped configs when running from a checkout (editable install); `-c fashion` finds it.
+# The shipped configs of the checkout this file is in (<repo>/src/distmnist/core/config.py -> <repo>/configs).
+# Installed, they are the package distmnist.configs (see resolve_path).
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
@@ -122,17 +124,43 @@ TRAJECTORY_KEYS = (
 
 
 def resolve_path(path: str | Path) -> Path:
-    """A config file as given, or a shipped config by name (`fashion` -> configs/fashion.yaml)."""
+    """A config file as given, else configs/NAME[.yaml] under the cwd, else a shipped config by name
+    (`fashion` -> fashion.yaml of the package distmnist.configs)."""
     p = Path(path)
     if p.is_file():
         return p
-    for candidate in (Path("configs") / p, SHIPPED_CONFIGS / p):
-        for c in (candidate, candidate.with_suffix(".yaml")):
+    for c in (Path("configs") / p, (Path("configs") / p).with_suffix(".yaml")):
+        if c.is_file():
+            return c
+    shipped = _shipped_configs()
+    if shipped is not None and p.name:
+        for name in (p.as_posix(), p.with_suffix(".yaml").as_posix()):
+            c = shipped.joinpath(name)
             if c.is_file():
-                return c
-    shipped = sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.yaml")) if SHIPPED_CONFIGS.is_dir() else []
-    hint = f" (shipped configs: {', '.join(shipped)})" if shipped else ""
+                return c  # a pathlib.Path unless the package is imported from a zip file
+    names = []
+    if shipped is not None:
+        names = sorted(f.name[:-5] for f in shipped.iterdir() if f.name.endswith(".yaml"))
+    hint = f" (shipped configs: {', '.join(names)})" if names else ""
     raise DistMnistError(f"config file {path} does not exist{hint}")
+
+
+def _shipped_configs() -> Any:
+    """The folder of the shipped configs (a Path or an importlib.resources Traversable); None if none.
+
+    Installed (wheel), they are the package distmnist.configs (configs/ of the repo, see pyproject.toml). Run
+    from a checkout (editable install, or PYTHONPATH=src), that checkout's configs/ is used directly: the same
+    folder an editable install maps distmnist.configs to, whereas with PYTHONPATH=src the import would find no
+    distmnist.configs, or another checkout's one through that checkout's editable install.
+    """
+    here = Path(__file__).resolve()
+    in_checkout = here.parents[2].name == "src" and (here.parents[3] / "pyproject.toml").is_file()
+    if in_checkout and SHIPPED_CONFIGS.is_dir():
+        return SHIPPED_CONFIGS
+    try:
+        return importlib.resources.files("distmnist.configs")
+    except ModuleNotFoundError:
+        return None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

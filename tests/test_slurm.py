@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from procs import REPO, child_env, same_weights, weights
 
 from distmnist.core import tblog
@@ -129,6 +130,24 @@ def test_sbatch_trains_with_two_cpu_processes(strategy_jobs, strategy):
     scalars = tblog.read_scalars(job.run_dir / "tb")
     assert TAGS <= set(scalars), sorted(scalars)
     assert [step for step, _ in scalars["val/acc"]] == [32, 64]
+
+
+@pytest.mark.timeout(240)
+def test_config_args_are_taken_in_any_order_like_the_entry_points(slurm_cluster, tmp_path):
+    """-c and -q among the overrides, as `python -m distmnist.ddp` takes them (parse_intermixed_args): the script
+    checks them with distmnist's own parser (core.args.launch_check), so it accepts what the training accepts."""
+    args = ("optim.lr=0.1", "-c", "smoke", "train.epochs=1", "-q", "dist.timeout_s=60")
+    job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], args, timeout=180)
+    try:
+        rc = job.wait()
+    finally:
+        job.cancel()
+    assert rc == 0, job.describe()
+    m = metrics(job.run_dir)
+    assert (m["strategy"], m["world_size"], m["dataset"], m["epochs"], m["global_step"]) == (
+        "ddp", 2, "synthetic", 1, 32), m  # 2048 samples / 2 processes / batch 32: 32 steps in the one epoch
+    cfg = yaml.safe_load((job.run_dir / "config.yaml").read_text())
+    assert (cfg["optim"]["lr"], cfg["train"]["epochs"], cfg["train"]["quiet"]) == (0.1, 1, True), cfg
 
 
 # ---------------------------------------------------------------------------------------------- requeue + resume

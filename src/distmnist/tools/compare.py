@@ -32,7 +32,6 @@ from typing import Any
 
 from distmnist.core.errors import DistMnistError, report_errors
 
-TENSORBOARD_HINT = "`tensorboard --logdir runs` opens all runs in one TensorBoard (each run dir's tb/ is one run)."
 HEADER = re.compile(r"^# distmnist run: strategy=(\w+) world_size=(\d+) device=(\S+)")
 NUMBER = (int, float)
 

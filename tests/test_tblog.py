@@ -54,3 +54,16 @@ def _contains(picture: np.ndarray, tile: np.ndarray) -> bool:
                 return True
             start = picture[r].tobytes().find(first, start + 1)
     return False
+
+
+def test_read_events_newer_file_wins_and_a_damaged_file_is_passed_over(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for value, wall in ((1.0, 100.0), (2.0, 200.0)):  # a run, then its resumed attempt logging step 32 again
+        with SummaryWriter(str(tmp_path), filename_suffix=f".{int(value)}") as w:
+            w.add_scalar(tblog.TAG_VAL_ACC, value, 32, walltime=wall)
+            w.add_scalar(tblog.TAG_VAL_LOSS, value, 32, walltime=wall)
+    (tmp_path / "events.out.tfevents.9999999999.host.damaged").write_bytes(b"\x01\x02 not a record")
+    assert tblog.read_events(tmp_path, (tblog.TAG_VAL_ACC,)) == {tblog.TAG_VAL_ACC: [(32, 200.0, 2.0)]}
+    assert tblog.read_scalars(tmp_path) == {tblog.TAG_VAL_ACC: [(32, 2.0)], tblog.TAG_VAL_LOSS: [(32, 2.0)]}
+    assert tblog.read_events(tmp_path / "missing") == {}

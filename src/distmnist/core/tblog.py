@@ -83,9 +83,9 @@ class TBLog:
 
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         exp, ssi, sei = hparams(clean, {m: 0.0 for m in HPARAM_METRICS})
-        fw = self.writer._get_file_writer()
+        # torch 2.14 documents no call for the own file (add_hparams makes a sub-folder); it too uses .file_writer
         for summary in (exp, ssi, sei):
-            fw.add_summary(summary)
+            self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -121,6 +121,7 @@ def _blue(fraction: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * t) for a, b in zip(BLUES[i], BLUES[i + 1], strict=True))
 
 
+# Tiled here, not with torchvision's make_grid: its one padding on every side leaves no room sized for the titles.
 def image_grid(images, titles: list[str], title: str, columns: int = 8, scale: int = 3) -> np.ndarray:
     """28x28 images (uint8 or float [0, 1]) enlarged `scale` times and tiled, each with its title above it;
     an RGB array for SummaryWriter.add_image."""

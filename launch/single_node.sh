@@ -11,8 +11,8 @@
 # --strategy  ddp (default), trainer or fabric: `python -m distmnist.<strategy>` under torchrun
 # --nproc     processes; default: the number of visible GPUs (CUDA_VISIBLE_DEVICES if set, else
 #             `nvidia-smi -L`), or 2 on a machine without GPUs (then give train.accelerator=cpu or auto)
-# --          everything after it goes to distmnist unchanged: [-c CONFIG] [section.key=value ...]
-#             (the -- may be left out when the config args start with -c or key=value)
+# --          everything after it goes to distmnist unchanged: [-c CONFIG] [-q] [section.key=value ...]
+#             (the -- may be left out: the first argument that is none of the options above starts them)
 #
 # Several launches can share a machine: each uses `torchrun --standalone`, whose rendezvous store binds a port
 # the kernel picks (no port to choose, no race between two jobs). OMP_NUM_THREADS defaults to the CPU
@@ -37,8 +37,7 @@ while [ $# -gt 0 ]; do
             [ $# -ge 2 ] || die "$1 needs a value"; nproc="$2"; shift 2 ;;
         --nproc=* | --nproc-per-node=* | --nproc_per_node=*) nproc="${1#*=}"; shift ;;
         --) shift; break ;;
-        -c | --config | --config=* | *=*) break ;; # config args without the --: fine too
-        *) die "unknown option '$1' (config args go after --)" ;;
+        *) break ;; # config args without the --: fine too (checked below, by distmnist itself)
     esac
 done
 case "$strategy" in
@@ -59,6 +58,11 @@ visible_gpus() { # number of GPUs this process may use
         echo 0
     fi
 }
+
+# The config args, read by distmnist itself exactly as its processes will (one line and exit 2 on a mistake),
+# before torchrun starts any process.
+check='import sys; from distmnist.core.args import launch_check; sys.exit(launch_check(sys.argv[1], sys.argv[2:]))'
+"${PYTHON:-python}" -c "$check" "$strategy" "$@" > /dev/null || exit $?
 
 gpus="$(visible_gpus)"
 if [ -z "$nproc" ]; then

@@ -73,29 +73,17 @@ PYTHON="$(command -v "${PYTHON:-python}" 2> /dev/null)" ||
     fail "no python on PATH: activate the environment that has distmnist before sbatch"
 
 # ---- the config: checked here (one line and exit 2 on a mistake), before any process is started -----------------
-# prints: train.accelerator <TAB> run.dir if the arguments or the config file set it
+# (distmnist.core.args.launch_check) prints: train.accelerator <TAB> run.dir if the arguments or the config set it
 config_facts="$("$PYTHON" - "$strategy" "${args[@]}" << 'PY'
 import sys
 
 try:
-    from distmnist.core.args import strategy_parser
-    from distmnist.core.config import load_config
-    from distmnist.core.errors import report_errors
+    from distmnist.core.args import launch_check  # parses the args as `python -m distmnist.<strategy>` does
 except ImportError as err:
     print(f"distmnist-slurm: error: cannot import distmnist with {sys.executable} ({err}); activate its "
           f"environment before sbatch", file=sys.stderr)
     sys.exit(2)
-
-
-@report_errors
-def main(strategy, argv):
-    args = strategy_parser(f"python -m distmnist.{strategy}").parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    run_dir = cfg.run_dir(strategy).resolve() if cfg.run.dir is not None else ""
-    print(cfg.train.accelerator, run_dir, sep="\t")
-
-
-sys.exit(main(sys.argv[1], sys.argv[2:]))
+sys.exit(launch_check(sys.argv[1], sys.argv[2:]))
 PY
 )" || exit $?
 IFS=$'\t' read -r accelerator run_dir <<< "$config_facts"

@@ -118,7 +118,11 @@ def test_sigterm_to_the_launcher_checkpoints_and_stops(tmp_path):
     "script,args,message",
     [
         (SINGLE_NODE, ["--strategy", "nope"], "unknown strategy 'nope'"),
-        (SINGLE_NODE, ["--bogus"], "unknown option '--bogus'"),
+        (SINGLE_NODE, ["--bogus"], "unrecognized arguments: --bogus"),  # distmnist's own parser says it
+        (SINGLE_NODE, ["-c", "smoke", "--nproc", "2"], "unrecognized arguments: --nproc"),
+        # -q and -c among the overrides reach distmnist's check, which reads them as the processes would
+        (SINGLE_NODE, ["-q", "optim.lr=0.1", "-c", "/nonexistent/distmnist.yaml"],
+         "config file /nonexistent/distmnist.yaml does not exist"),
         (SINGLE_NODE, ["--nproc", "0"], "--nproc must be a positive integer"),
         (TORCHRUN_NODE, ["--strategy", "ddp", "--nnodes", "2", "--nproc-per-node", "1"], "--rdzv-endpoint must be"),
     ],

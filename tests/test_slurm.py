@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from procs import REPO, child_env, same_weights, weights
 
 from distmnist.core import tblog
@@ -90,6 +91,16 @@ class Job:
                 self.proc.kill()
 
 
+def finished_job(cluster, cwd: Path, sbatch_opts, args, timeout: float = 90) -> Job:
+    """One job, submitted and waited for (cancelled if the wait fails): its exit code is job.rc."""
+    job = Job(cluster, cwd, sbatch_opts, args, timeout=timeout)
+    try:
+        job.wait()
+    finally:
+        job.cancel()
+    return job
+
+
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
@@ -129,6 +140,20 @@ def test_sbatch_trains_with_two_cpu_processes(strategy_jobs, strategy):
     scalars = tblog.read_scalars(job.run_dir / "tb")
     assert TAGS <= set(scalars), sorted(scalars)
     assert [step for step, _ in scalars["val/acc"]] == [32, 64]
+
+
+@pytest.mark.timeout(240)
+def test_config_args_are_taken_in_any_order_like_the_entry_points(slurm_cluster, tmp_path):
+    """-c and -q among the overrides, as `python -m distmnist.ddp` takes them (parse_intermixed_args): the script
+    checks them with distmnist's own parser (core.args.launch_check), so it accepts what the training accepts."""
+    args = ("optim.lr=0.1", "-c", "smoke", "train.epochs=1", "-q", "dist.timeout_s=60")
+    job = finished_job(slurm_cluster, tmp_path, CPU_JOB["ddp"], args, timeout=180)
+    assert job.rc == 0, job.describe()
+    m = metrics(job.run_dir)
+    assert (m["strategy"], m["world_size"], m["dataset"], m["epochs"], m["global_step"]) == (
+        "ddp", 2, "synthetic", 1, 32), m  # 2048 samples / 2 processes / batch 32: 32 steps in the one epoch
+    cfg = yaml.safe_load((job.run_dir / "config.yaml").read_text())
+    assert (cfg["optim"]["lr"], cfg["train"]["epochs"], cfg["train"]["quiet"]) == (0.1, 1, True), cfg
 
 
 # ---------------------------------------------------------------------------------------------- requeue + resume
@@ -232,13 +257,9 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_mistakes_fail_within_seconds_with_one_line(slurm_cluster, tmp_path, case):
     opts, args, message = BAD_INPUT[case]
-    job = Job(slurm_cluster, tmp_path, opts, args, timeout=90)
-    try:
-        rc = job.wait()
-    finally:
-        job.cancel()
+    job = finished_job(slurm_cluster, tmp_path, opts, args)
     print(f"{case}: job {job.id} failed in {job.elapsed:.1f} s")
-    assert rc == 2, job.describe()
+    assert job.rc == 2, job.describe()
     assert job.elapsed < 30, job.describe()
     errors = [line for line in job.log.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and message in errors[0], job.describe()
@@ -250,11 +271,7 @@ def test_a_run_dir_left_by_an_earlier_job_with_the_same_id_is_not_resumed(slurm_
     """Job ids start over with a fresh cluster state: a first start must not adopt another job's runs/<name>-<id>."""
     for job_id in range(1, 1001):  # the ids this session's cluster hands out
         (tmp_path / "runs" / f"distmnist-{job_id}").mkdir(parents=True)
-    job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], SMOKE, timeout=90)
-    try:
-        rc = job.wait()
-    finally:
-        job.cancel()
-    assert rc == 2, job.describe()
+    job = finished_job(slurm_cluster, tmp_path, CPU_JOB["ddp"], SMOKE)
+    assert job.rc == 2, job.describe()
     assert f"error: {job.run_dir} already exists, left by an earlier job with the same id" in job.log, job.describe()
     assert list(job.run_dir.iterdir()) == []

@@ -54,3 +54,35 @@ def _contains(picture: np.ndarray, tile: np.ndarray) -> bool:
                 return True
             start = picture[r].tobytes().find(first, start + 1)
     return False
+
+
+def _events(folder):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [e for f in sorted(folder.rglob("events.out.tfevents.*")) for e in EventFileLoader(str(f)).Load()]
+
+
+def test_hparams_go_into_the_writers_own_event_file_without_scalars(tmp_path):
+    log = tblog.TBLog(tblog.open_writer(tmp_path))
+    log.step(10, 0.5, 0.25)  # values a float32 holds exactly
+    log.hparams({"optim.lr": 0.1, "model.hidden": [128, 128], "strategy": "ddp"})
+    log.close()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []  # no sub-folder (SummaryWriter.add_hparams)
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+    tags = [v.tag for e in _events(tmp_path) for v in e.summary.value]
+    assert sorted(t for t in tags if t.startswith("_hparams_/")) == [
+        "_hparams_/experiment", "_hparams_/session_end_info", "_hparams_/session_start_info"]
+    assert tblog.read_scalars(tmp_path) == {tblog.TAG_LOSS: [(10, 0.5)], tblog.TAG_LR: [(10, 0.25)]}
+
+
+def test_read_events_newer_file_wins_and_a_damaged_file_is_passed_over(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for value, wall in ((1.0, 100.0), (2.0, 200.0)):  # a run, then its resumed attempt logging step 32 again
+        with SummaryWriter(str(tmp_path), filename_suffix=f".{int(value)}") as w:
+            w.add_scalar(tblog.TAG_VAL_ACC, value, 32, walltime=wall)
+            w.add_scalar(tblog.TAG_VAL_LOSS, value, 32, walltime=wall)
+    (tmp_path / "events.out.tfevents.9999999999.host.damaged").write_bytes(b"\x01\x02 not a record")
+    assert tblog.read_events(tmp_path, (tblog.TAG_VAL_ACC,)) == {tblog.TAG_VAL_ACC: [(32, 200.0, 2.0)]}
+    assert tblog.read_scalars(tmp_path) == {tblog.TAG_VAL_ACC: [(32, 2.0)], tblog.TAG_VAL_LOSS: [(32, 2.0)]}
+    assert tblog.read_events(tmp_path / "missing") == {}

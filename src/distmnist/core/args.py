@@ -46,6 +46,18 @@ def parse_strategy_args(strategy: str, argv: list[str] | None = None) -> Config:
     return load_config(args.config, config_of(args))
 
 
+@report_errors
+def launch_check(strategy: str, argv: list[str]) -> int:
+    """For the launch scripts (slurm/train.sh, launch/single_node.sh), before they start any process: read the
+    config args exactly as ``python -m distmnist.<strategy>`` will (parse_strategy_args, so the two never
+    disagree; a mistake is one line on stderr and exit code 2) and print what the script needs to know:
+    ``train.accelerator <TAB> run.dir`` (run.dir resolved; empty when neither the args nor the config set it)."""
+    cfg = parse_strategy_args(strategy, argv)
+    run_dir = cfg.run_dir(strategy).resolve() if cfg.run.dir is not None else ""
+    print(cfg.train.accelerator, run_dir, sep="\t")
+    return 0
+
+
 def strategy_main(strategy: str, train: Callable[[Config], dict]) -> Callable[[list[str] | None], int]:
     """The ``main(argv)`` of a strategy module: parse, train, map errors to exit codes (errors.report_errors)."""
 

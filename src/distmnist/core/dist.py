@@ -41,10 +41,6 @@ class DistEnv:
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
-    @property
-    def accelerator(self) -> str:
-        return self.device.type
-
 
 def _int(name: str, default: int | None = None) -> int | None:
     value = os.environ.get(name)

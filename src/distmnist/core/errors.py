@@ -66,7 +66,7 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
             message = " ".join(str(err).split())
             print(f"distmnist: error: {message}", file=sys.stderr, flush=True)
             return USAGE_EXIT
-        except (RuntimeError, OSError) as err:
+        except RuntimeError as err:  # torch.distributed's errors (DistError and its kin) are RuntimeErrors
             line = collective_failure(err)
             if line is None:
                 raise

@@ -20,15 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+import numpy as np  # torch only where a picture needs it: `distmnist compare` reads events here without it
 
-TAGS_STEP = ("train/loss", "lr")
-TAGS_EPOCH = ("train/acc", "val/loss", "val/acc", "perf/samples_per_sec")
-TAGS = TAGS_STEP + TAGS_EPOCH
+TAG_LOSS, TAG_LR = "train/loss", "lr"
+TAG_TRAIN_ACC, TAG_VAL_LOSS, TAG_VAL_ACC, TAG_SPEED = "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"
 TAG_PEAK_MEM = "perf/peak_mem_mb"  # CUDA only
-FIGURES = ("data/samples", "val/confusion_matrix", "val/misclassified")
-HPARAM_METRICS = ("val/acc", "val/loss")
+TAGS_STEP = (TAG_LOSS, TAG_LR)
+TAGS_EPOCH = (TAG_TRAIN_ACC, TAG_VAL_LOSS, TAG_VAL_ACC, TAG_SPEED)
+TAGS = TAGS_STEP + TAGS_EPOCH
+FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG = "data/samples", "val/confusion_matrix", "val/misclassified"
+FIGURES = (FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG)
+HPARAM_METRICS = (TAG_VAL_ACC, TAG_VAL_LOSS)
 
 
 def open_writer(tb_dir: Path):
@@ -45,25 +47,25 @@ class TBLog:
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("train/loss", loss, global_step)
-            self.writer.add_scalar("lr", lr, global_step)
+            self.writer.add_scalar(TAG_LOSS, loss, global_step)
+            self.writer.add_scalar(TAG_LR, lr, global_step)
 
     def epoch(self, global_step: int, record: dict, names: list[str], wrong=None) -> None:
         if self.writer is None:
             return
-        self.writer.add_scalar("train/acc", record["train_acc"], global_step)
-        self.writer.add_scalar("val/loss", record["val_loss"], global_step)
-        self.writer.add_scalar("val/acc", record["val_acc"], global_step)
-        self.writer.add_scalar("perf/samples_per_sec", record["samples_per_sec"], global_step)
+        self.writer.add_scalar(TAG_TRAIN_ACC, record["train_acc"], global_step)
+        self.writer.add_scalar(TAG_VAL_LOSS, record["val_loss"], global_step)
+        self.writer.add_scalar(TAG_VAL_ACC, record["val_acc"], global_step)
+        self.writer.add_scalar(TAG_SPEED, record["samples_per_sec"], global_step)
         if record.get("peak_mem_mb") is not None:
             self.writer.add_scalar(TAG_PEAK_MEM, record["peak_mem_mb"], global_step)
         if record.get("confusion") is not None:
-            self.writer.add_image("val/confusion_matrix", confusion_figure(record["confusion"], names), global_step,
+            self.writer.add_image(FIG_CONFUSION, confusion_figure(record["confusion"], names), global_step,
                                   dataformats="HWC")
         if wrong is not None and len(wrong[0]):
             images, predicted, true = wrong
             titles = [f"{names[p]} / {names[t]}" for p, t in zip(predicted.tolist(), true.tolist(), strict=True)]
-            self.writer.add_image("val/misclassified", image_grid(images, titles, "predicted / true"), global_step,
+            self.writer.add_image(FIG_WRONG, image_grid(images, titles, "predicted / true"), global_step,
                                   dataformats="HWC")
         self.writer.flush()
 
@@ -71,7 +73,7 @@ class TBLog:
         """Once per run: a grid of training images with their labels."""
         if self.writer is not None:
             titles = [names[int(i)] for i in labels]
-            self.writer.add_image("data/samples", image_grid(images, titles, "training images"), 0, dataformats="HWC")
+            self.writer.add_image(FIG_SAMPLES, image_grid(images, titles, "training images"), 0, dataformats="HWC")
 
     def hparams(self, params: dict[str, Any]) -> None:
         """Record the hyperparameters once, in this writer's own event file (no extra run folder)."""
@@ -81,9 +83,9 @@ class TBLog:
 
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         exp, ssi, sei = hparams(clean, {m: 0.0 for m in HPARAM_METRICS})
-        fw = self.writer._get_file_writer()
+        # torch 2.14 documents no call for the own file (add_hparams makes a sub-folder); it too uses .file_writer
         for summary in (exp, ssi, sei):
-            fw.add_summary(summary)
+            self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -119,9 +121,11 @@ def _blue(fraction: float) -> tuple[int, int, int]:
     return tuple(round(a + (b - a) * t) for a, b in zip(BLUES[i], BLUES[i + 1], strict=True))
 
 
+# Tiled here, not with torchvision's make_grid: its one padding on every side leaves no room sized for the titles.
 def image_grid(images, titles: list[str], title: str, columns: int = 8, scale: int = 3) -> np.ndarray:
     """28x28 images (uint8 or float [0, 1]) enlarged `scale` times and tiled, each with its title above it;
     an RGB array for SummaryWriter.add_image."""
+    import torch
     from PIL import Image, ImageDraw
 
     font, head = _font(11), _font(13)
@@ -193,14 +197,28 @@ def confusion_figure(matrix: list[list[int]], names: list[str]) -> np.ndarray:
     return np.asarray(picture)
 
 
-def read_scalars(tb_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """All scalar events under `tb_dir`: {tag: [(step, value), ...]} in step order (for tests and compare)."""
+def read_events(tb_dir: str | Path, tags=None) -> dict[str, list[tuple[int, float, float]]]:
+    """The scalar events under `tb_dir` (every tag, or only those in `tags`): {tag: [(step, wall_time, value), ...]}
+    in step order. Where a resumed run logged a step twice, the newer file's value wins; a file that cannot be read
+    (truncated by a killed run) is passed over, the others still count."""
+    files = sorted(Path(tb_dir).rglob("events.out.tfevents.*"))  # names start with the time they were opened
+    if not files:
+        return {}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out: dict[str, list[tuple[int, float]]] = {}
-    for events in sorted(Path(tb_dir).rglob("events.out.tfevents.*")):
+    merged: dict[str, dict[int, tuple[int, float, float]]] = {}
+    for events in files:
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
+        try:
+            acc.Reload()
+        except Exception:  # noqa: BLE001 - whatever a damaged file raises: keep what the others hold
+            continue
         for tag in acc.Tags().get("scalars", []):
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return {tag: sorted(values) for tag, values in out.items()}
+            if tags is None or tag in tags:
+                merged.setdefault(tag, {}).update((e.step, (e.step, e.wall_time, e.value)) for e in acc.Scalars(tag))
+    return {tag: [points[s] for s in sorted(points)] for tag, points in merged.items()}
+
+
+def read_scalars(tb_dir: str | Path, tags=None) -> dict[str, list[tuple[int, float]]]:
+    """read_events without the wall times: {tag: [(step, value), ...]}."""
+    return {tag: [(step, value) for step, _, value in points] for tag, points in read_events(tb_dir, tags).items()}

@@ -43,6 +43,7 @@ from distmnist.core.config import STRATEGIES, Config, load_config
 from distmnist.core.dist import pick_device
 from distmnist.core.errors import DistMnistError, report_errors
 from distmnist.core.model import build_model, build_optimizer
+from distmnist.tools.table import text_table
 
 COLUMNS = ("row", "strategy", "loader", "world_size", "precision", "device", "s_per_epoch", "samples_per_sec",
            "x_tutorial", "x_tutorial_lightning", "val_acc")
@@ -238,19 +239,12 @@ def bench_config(args) -> tuple[Config, list[str]]:
 def format_table(rows: list[dict]) -> str:
     head = ["row", "world", "precision", "device", "s/epoch", "(min-max)", "samples/s", "x tutorial",
             "x tut-Lightning", "val_acc"]
-    lines = [head]
-    for r in rows:
-        lines.append([
-            r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
-            f"({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f})",
-            f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
-            f"{r['val_acc']:.4f}",
-        ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-           for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return text_table(head, [[
+        r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
+        f"({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f})",
+        f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
+        f"{r['val_acc']:.4f}",
+    ] for r in rows], left=1)
 
 
 def _ratio(x: float | None) -> str:

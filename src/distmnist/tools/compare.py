@@ -30,9 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distmnist.core import tblog
 from distmnist.core.errors import DistMnistError, report_errors
+from distmnist.tools.table import text_table
 
-TENSORBOARD_HINT = "`tensorboard --logdir runs` opens all runs in one TensorBoard (each run dir's tb/ is one run)."
 HEADER = re.compile(r"^# distmnist run: strategy=(\w+) world_size=(\d+) device=(\S+)")
 NUMBER = (int, float)
 
@@ -95,27 +96,6 @@ def read_header(run_dir: Path) -> dict[str, Any]:
         if isinstance(data, dict) and isinstance(data.get("name"), str):
             out["dataset"] = data["name"]
     return out
-
-
-def read_events(tb_dir: Path, tags: tuple[str, ...]) -> dict[str, list[tuple[int, float, float]]]:
-    """{tag: [(step, wall_time, value), ...]} from every event file under tb_dir, in step order; the last value
-    wins where a resumed run logged a step twice. (tblog.read_scalars without the wall times.)"""
-    files = sorted(tb_dir.rglob("events.out.tfevents.*")) if tb_dir.is_dir() else []
-    if not files:
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    merged: dict[str, dict[int, tuple[int, float, float]]] = {}
-    for events in files:
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "tensors": 0})
-        try:
-            acc.Reload()
-        except Exception:  # a truncated file of a killed run: keep what the others hold
-            continue
-        for tag in set(acc.Tags().get("scalars", [])) & set(tags):
-            for e in acc.Scalars(tag):
-                merged.setdefault(tag, {})[e.step] = (e.step, e.wall_time, e.value)
-    return {tag: [points[s] for s in sorted(points)] for tag, points in merged.items()}
 
 
 def first_event_time(tb_dir: Path) -> float | None:
@@ -183,7 +163,7 @@ def load_finished(run_dir: Path, metrics_json: Path) -> Run:
 def load_running(run_dir: Path) -> Run:
     """A run dir without metrics.json: what its TensorBoard events hold so far."""
     tb_dir = run_dir / "tb"
-    events = read_events(tb_dir, ("val/acc", "val/loss", "perf/samples_per_sec", "train/loss"))
+    events = tblog.read_events(tb_dir, (tblog.TAG_VAL_ACC, tblog.TAG_VAL_LOSS, tblog.TAG_SPEED, tblog.TAG_LOSS))
     if not events:
         what = "no metrics.json and no TensorBoard events"
         if not (run_dir / "config.yaml").exists():
@@ -192,9 +172,9 @@ def load_running(run_dir: Path) -> Run:
             what += " (started, stopped before its first log)"
         raise DistMnistError(what)
     header = read_header(run_dir)
-    val_acc = events.get("val/acc", [])
-    val_loss = events.get("val/loss", [])
-    rates = [v for _, _, v in events.get("perf/samples_per_sec", []) if v > 0]
+    val_acc = events.get(tblog.TAG_VAL_ACC, [])
+    val_loss = events.get(tblog.TAG_VAL_LOSS, [])
+    rates = [v for _, _, v in events.get(tblog.TAG_SPEED, []) if v > 0]
     started = first_event_time(tb_dir)
     last_time = max(t for points in events.values() for _, t, _ in points)
     last_step = max(s for points in events.values() for s, _, _ in points)
@@ -249,19 +229,13 @@ def _num(x: float | None, fmt: str) -> str:
 def format_table(runs: list[Run]) -> str:
     head = ["run", "strategy", "world", "precision", "device", "epochs", "val_acc", "val_loss", "s/epoch",
             "samples/s", "wall_s"]
-    lines = [head]
-    for r in runs:
-        lines.append([
-            r.run + (" (running)" if r.status == "running" else ""), r.strategy or "?",
-            "?" if r.world_size is None else str(r.world_size), r.precision or "?", r.device or "?", str(r.epochs),
-            _num(r.val_acc, ".4f"), _num(r.val_loss, ".4f"), _num(r.s_per_epoch, ".3f"),
-            _num(r.samples_per_sec, ",.0f"), _num(r.wall_s, ".1f"),
-        ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
-           for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    rows = [[
+        r.run + (" (running)" if r.status == "running" else ""), r.strategy or "?",
+        "?" if r.world_size is None else str(r.world_size), r.precision or "?", r.device or "?", str(r.epochs),
+        _num(r.val_acc, ".4f"), _num(r.val_loss, ".4f"), _num(r.s_per_epoch, ".3f"),
+        _num(r.samples_per_sec, ",.0f"), _num(r.wall_s, ".1f"),
+    ] for r in runs]
+    return text_table(head, rows, left=5)
 
 
 # ------------------------------------------------------------------------------------------------- plot

@@ -79,6 +79,9 @@ class StepRunner:
         self.x.copy_(x, non_blocking=True)
         self.y.copy_(y, non_blocking=True)
         self.graph.replay()
+        for p, g in zip(self.params, self.grads, strict=True):
+            if p.grad is not g:  # someone released the gradients (Lightning does before each validation)
+                p.grad = g  # the graph has just rewritten the buffer: point the parameter back at it
         self.optimizer_step()
         return self.loss
 

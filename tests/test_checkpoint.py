@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,14 +223,49 @@ def test_newest_good_skips_a_damaged_newest(tmp_path, capsys):
 
 
 def test_newest_good_none_and_all_damaged(tmp_path, capsys):
+    """No checkpoint: start from scratch. Checkpoints of which none loads: refused, never a silent restart."""
     d = tmp_path / "checkpoints"
     assert checkpoint.newest_good(d, lambda obj, path: None) is None
     d.mkdir()
+    assert checkpoint.newest_good(d, lambda obj, path: None) is None
     (d / "step=00000001.ckpt").write_bytes(b"junk")
     (d / "step=00000002.ckpt").write_bytes(b"")
-    assert checkpoint.newest_good(d, lambda obj, path: None) is None
+    with pytest.raises(DistMnistError, match=r"no checkpoint .* loads \(step=00000002.ckpt, step=00000001.ckpt.*move them out"):
+        checkpoint.newest_good(d, lambda obj, path: None)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 2
+
+
+class Payload:
+    """What a hostile checkpoint pickles: unpickling it runs a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_pickles_code_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "payload-ran"
+    path = checkpoint.step_path(tmp_path, 99999999)
+    torch.save({"distmnist": {"format": checkpoint.FORMAT}, "model": Payload(marker)}, path)
+    with pytest.raises(DistMnistError, match="pickles objects other than tensors") as err:
+        checkpoint.read(path)
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the file does what it says: plain unpickling runs it
+    assert marker.exists()
+
+
+def test_prune_keeps_the_checkpoint_just_written_over_a_newer_damaged_one(tmp_path):
+    d = tmp_path / "checkpoints"
+    (d / "step=99999999.ckpt").parent.mkdir()
+    (d / "step=99999999.ckpt").write_bytes(b"damaged: did not load at start")
+    for step in (10, 20):
+        good_checkpoint(checkpoint.step_path(d, step), step)
+    checkpoint.prune(d, keep=1, newest_step=20)
+    assert [p.name for p in checkpoint.listing(d)] == ["step=99999999.ckpt", "step=00000020.ckpt"]
 
 
 def test_newest_good_stops_on_a_foreign_checkpoint(tmp_path):

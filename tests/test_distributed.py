@@ -6,6 +6,7 @@ One set of short runs (configs/smoke.yaml: synthetic data, 2 epochs) is shared b
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -233,3 +234,17 @@ def test_quiet_prints_one_line(tmp_path, strategy):
         f"{tmp_path / 'q' / 'model.pt'} and {tmp_path / 'q' / 'metrics.json'}"
     ]
     assert "epoch 1/2" not in proc.stderr and "it/s" not in proc.stderr and "step/s" not in proc.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "trainer"])
+def test_resume_with_another_number_of_processes_is_refused(runs, tmp_path, strategy):
+    """Written by 2 processes, resumed by 1: refused with one line (exit 2) until exact elastic resume exists --
+    never a silent change of global batch, data order and schedule. Nothing in the run dir changes."""
+    run_dir = tmp_path / strategy
+    shutil.copytree(runs[strategy][0], run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_module(f"distmnist.{strategy}", *SMOKE, f"run.dir={run_dir}", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "written by 2 processes" in lines[0] and "this job has 1" in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before

@@ -255,6 +255,45 @@ def test_checkpoint_with_weights_of_another_shape_is_refused_not_loaded(finished
     refused(smoke_run(tmp_path, run_dir), "step=00000128.ckpt", "layer shapes")
 
 
+HOSTILE = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+torch.save({"distmnist": {"format": "distmnist-checkpoint/1"}, "model": Payload()}, sys.argv[1])
+"""
+
+
+@slow
+@pytest.mark.parametrize("strategy", ["ddp", "trainer", "fabric"])
+def test_a_checkpoint_that_pickles_code_is_refused_and_nothing_runs(tmp_path, strategy):
+    """The only checkpoint of a run dir runs a command when unpickled: refused with one line, exit 2, and the
+    command never ran (the one reader that the three strategies share loads with weights_only)."""
+    run_dir, marker = tmp_path / "run", tmp_path / "payload-ran"
+    crafted = run_dir / "checkpoints" / "step=99999999.ckpt"
+    crafted.parent.mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", HOSTILE, str(crafted), str(marker)], check=True, timeout=60)
+    line = refused(smoke_run(tmp_path, run_dir, strategy=strategy), "no checkpoint", "move them out")
+    assert "step=99999999.ckpt" in line
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
+@slow
+def test_retention_keeps_the_new_checkpoint_over_a_newer_damaged_one(tmp_path):
+    """checkpoint.keep=1 and a damaged file of a higher step: the checkpoint written after the resume is kept (it
+    used to be deleted right after it was written), the damaged file is left as it was."""
+    run_dir = tmp_path / "run"
+    common = ("optim.schedule=constant", "checkpoint.keep=1")  # constant: train.epochs may grow on resume
+    ok(smoke_run(tmp_path, run_dir, "train.epochs=1", *common))
+    damaged = run_dir / "checkpoints" / "step=99999999.ckpt"
+    damaged.write_bytes(b"not a checkpoint")
+    proc = ok(smoke_run(tmp_path, run_dir, "train.epochs=2", *common))
+    assert "step=00000064.ckpt" in proc.stdout  # resumed from the good one
+    assert [p.name for p in checkpoint.listing(run_dir / "checkpoints")] == ["step=99999999.ckpt", "step=00000128.ckpt"]
+    assert checkpoint.read(run_dir / "checkpoints" / "step=00000128.ckpt")["distmnist"]["global_step"] == 128
+    assert damaged.read_bytes() == b"not a checkpoint"
+
+
 @slow
 def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
     """No launcher: the process itself exits with the distinct code."""

@@ -74,7 +74,7 @@ def train(cfg: Config) -> dict:
             if env.is_zero:
                 checkpoint.save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
             dist.barrier()
-            run.prune()
+            run.prune(state.global_step)
             return path
 
         state = TrainState()

@@ -75,7 +75,7 @@ def train(cfg: Config) -> dict:
             state.tally = tally.state()  # a collective: every rank is here at the same step
             path = run.checkpoint_path(state.global_step)
             fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes, all wait
-            run.prune()
+            run.prune(state.global_step)
             return path
 
         state = TrainState()

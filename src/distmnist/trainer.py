@@ -138,7 +138,7 @@ class RunCheckpoints(Callback):
     def save(self, trainer: L.Trainer):
         path = self.run.checkpoint_path(trainer.global_step)
         trainer.save_checkpoint(path, weights_only=False)
-        self.run.prune()
+        self.run.prune(trainer.global_step)
         return path
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -171,47 +171,50 @@ def train(cfg: Config) -> dict:
     lightning_internals.hush(cfg.train.quiet)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (nothing written)
-    records, state = Records(run), TrainState()
-    cadence = CheckpointCadence(cfg, env.device)
-    trainer = L.Trainer(
-        accelerator=env.device.type,
-        devices=env.local_world_size,
-        num_nodes=env.num_nodes,
-        strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
-        precision=cfg.train.precision,
-        max_epochs=cfg.train.epochs,
-        logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
-        callbacks=[
-            RunRecords(records, state, fresh=found is None),
-            RunCheckpoints(run, records, state, cadence),
-            # a bar redrawn every 20 steps, not every step: the per-step Python cost of the default shows on a GPU
-            *([TQDMProgressBar(refresh_rate=20)] if records.show_progress else []),
-        ],
-        enable_checkpointing=False,  # RunCheckpoints writes them
-        plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        enable_progress_bar=records.show_progress,
-        enable_model_summary=False,
-        log_every_n_steps=cfg.train.log_every_n_steps,
-        default_root_dir=str(run.path),
-    )
-    lightning_internals.skip_sigterm_broadcast(trainer)
-    # NNModule with the speed-ups of lightning_internals (on one GPU at 32-true: the CUDA-graph step)
-    graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
-    module = lightning_internals.tuned(NNModule, graph_step)(cfg)
-    if found:
-        records.say(f"resuming from {found}", always=True)
-    cadence.install()  # before fit too, so that Lightning's teardown restores ours, not the default
-    try:
+    # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
+    # from rank 0's choice of checkpoint, as in ddp.py and fabric.py -- a node-local run dir may differ
+    with dist.process_group(env, cfg.dist.timeout_s):
+        found = run.agreed(found)
+        records, state = Records(run), TrainState()
+        cadence = CheckpointCadence(cfg, env.device)
+        trainer = L.Trainer(
+            accelerator=env.device.type,
+            devices=env.local_world_size,
+            num_nodes=env.num_nodes,
+            strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
+            precision=cfg.train.precision,
+            max_epochs=cfg.train.epochs,
+            logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
+            callbacks=[
+                RunRecords(records, state, fresh=found is None),
+                RunCheckpoints(run, records, state, cadence),
+                # a bar redrawn every 20 steps, not every step: the per-step Python cost of the default shows on a GPU
+                *([TQDMProgressBar(refresh_rate=20)] if records.show_progress else []),
+            ],
+            enable_checkpointing=False,  # RunCheckpoints writes them
+            plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
+            enable_progress_bar=records.show_progress,
+            enable_model_summary=False,
+            log_every_n_steps=cfg.train.log_every_n_steps,
+            default_root_dir=str(run.path),
+        )
+        lightning_internals.skip_sigterm_broadcast(trainer)
+        # NNModule with the speed-ups of lightning_internals (on one GPU at 32-true: the CUDA-graph step)
+        graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
+        module = lightning_internals.tuned(NNModule, graph_step)(cfg)
+        if found:
+            records.say(f"resuming from {found}", always=True)
+        cadence.install()  # before fit too, so that Lightning's teardown restores ours, not the default
         with run.removed_if_refused():
             trainer.fit(module, datamodule=MNISTData(cfg, env), ckpt_path=found)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
         summary = records.finish(module.model, state)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return summary
+        return summary
+
+
 
 
 main = strategy_main(NAME, train)

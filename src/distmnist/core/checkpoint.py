@@ -90,12 +90,21 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file; DistMnistError (one line) if it is truncated, garbage or not a checkpoint."""
+    """Load a checkpoint file without running code from it (``weights_only=True``: tensors and plain containers
+    and numbers only -- all that the three strategies' checkpoints hold); DistMnistError (one line) if it is
+    truncated, garbage, pickles anything else, or is not a checkpoint."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - zip errors, unpickling errors, EOF...
-        first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        if "Weights only load failed" in text:  # torch refused a global: code or an object we never write
+            culprit = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise DistMnistError(
+                f"checkpoint {path} pickles objects other than tensors and plain data ({culprit[:100]}); not loaded, "
+                f"since loading it could run code"
+            ) from None
+        first = text.splitlines()[0][:120] if text else type(err).__name__
         raise DistMnistError(f"checkpoint {path} is damaged or not a checkpoint ({first})") from None
     if not isinstance(obj, dict):
         raise DistMnistError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
@@ -115,8 +124,16 @@ def listing(ckpt_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def prune(ckpt_dir: str | Path, keep: int) -> None:
-    for old in listing(ckpt_dir)[keep:]:
+def step_of(path: Path) -> int:
+    return int(NAME.match(path.name).group(1))
+
+
+def prune(ckpt_dir: str | Path, keep: int, newest_step: int | None = None) -> None:
+    """Keep the `keep` newest checkpoints up to `newest_step` (the one just written). Files of a higher step are
+    left alone: the run resumed from an older one, so they did not load (reported at start) -- counting them would
+    delete the good checkpoint just written."""
+    mine = [p for p in listing(ckpt_dir) if newest_step is None or step_of(p) <= newest_step]
+    for old in mine[keep:]:
         try:
             old.unlink()
         except FileNotFoundError:
@@ -129,7 +146,8 @@ def newest_good(ckpt_dir: str | Path, check, quiet: bool = False) -> tuple[Path,
     `check` raises DistMnistError for a checkpoint that must not be used at all (other model, other config):
     that is not skipped but stops the run, since an older file of the same run dir would be just as foreign.
     """
-    for path in listing(ckpt_dir):
+    found = listing(ckpt_dir)
+    for path in found:
         try:
             obj = read(path)
         except DistMnistError as err:
@@ -138,6 +156,12 @@ def newest_good(ckpt_dir: str | Path, check, quiet: bool = False) -> tuple[Path,
             continue
         check(obj, path)
         return path, obj
+    if found:  # never a silent restart from step 0 over a run dir that holds checkpoints
+        names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise DistMnistError(
+            f"no checkpoint in {ckpt_dir} loads ({names}: see the warnings above); to start this run again from "
+            f"scratch, move them out of that folder"
+        )
     return None
 
 

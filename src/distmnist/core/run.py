@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -94,10 +93,10 @@ class RunDir:
     def checkpoint_path(self, global_step: int) -> Path:
         return checkpoint.step_path(self.ckpt_dir, global_step)
 
-    def prune(self) -> None:
-        """Keep the newest `checkpoint.keep` checkpoints (rank 0; after every save)."""
+    def prune(self, global_step: int) -> None:
+        """After the save of `global_step`: keep the newest `checkpoint.keep` checkpoints (rank 0)."""
         if self.env.is_zero:
-            checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep)
+            checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep, newest_step=global_step)
 
     def meta(self, state: TrainState, history: list[dict[str, Any]]) -> dict[str, Any]:
         """What a checkpoint records besides the model/optimizer state: whose it is, the position, the history."""
@@ -128,11 +127,11 @@ class RunDir:
                 f"its own config ({self.config_yaml}) or choose a new run.dir"
             )
         self.check_model_state(obj, path)
-        if meta.get("world_size") != self.env.world_size and self.env.is_zero:
-            warnings.warn(
-                f"resuming a run written with {meta.get('world_size')} processes on {self.env.world_size}: "
-                f"the global batch and data order change from here on",
-                stacklevel=2,
+        if meta.get("world_size") != self.env.world_size:  # every rank: all of them stop with this line
+            raise DistMnistError(
+                f"run.dir {self.path} was written by {meta.get('world_size')} processes and this job has "
+                f"{self.env.world_size}: resume it with {meta.get('world_size')} (the global batch, data order and "
+                f"schedule would change otherwise), or choose a new run.dir"
             )
 
     def check_model_state(self, obj: dict[str, Any], path: Path) -> None:

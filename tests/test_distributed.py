@@ -6,6 +6,7 @@ One set of short runs (configs/smoke.yaml: synthetic data, 2 epochs) is shared b
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -248,3 +249,36 @@ def test_resume_with_another_number_of_processes_is_refused(runs, tmp_path, stra
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "written by 2 processes" in lines[0] and "this job has 1" in lines[0], lines[0]
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def all_tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from all_tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from all_tensors(v)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_diverging_run_stops_every_rank_with_exit_3_and_writes_nothing_non_finite(tmp_path, strategy):
+    """SGD at lr 1e4 on 2 gloo ranks: every rank exits 3 at the same step, one line says where, metrics.json says
+    diverged, no model.pt, and no file of the run dir holds a non-finite tensor (checkpoints are tried every 4
+    steps, so the check before a save is exercised as well as the stop check's flag)."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(f"distmnist.{strategy}", *SMOKE, f"run.dir={run_dir}", "optim.lr=1e4",
+                    "checkpoint.every_n_steps=4", cwd=tmp_path)
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", proc.stderr, flags=re.M)  # torchrun's failure summary
+    assert proc.returncode != 0 and sorted(codes) == ["3", "3"], proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("distmnist: error: training diverged")]
+    assert len(lines) == 1 and re.search(r"by step \d+", lines[0]), proc.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["status"] == "diverged" and m["diverged"] == lines[0][len("distmnist: error: "):]
+    assert not (run_dir / "model.pt").exists()
+    files = list(run_dir.rglob("*.ckpt"))
+    for f in files:
+        tensors = list(all_tensors(torch.load(f, weights_only=True)))
+        assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), f
+

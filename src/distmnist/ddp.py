@@ -68,8 +68,11 @@ def train(cfg: Config) -> dict:
         step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env))
         stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
+        cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
+
         def save_checkpoint(state: TrainState):
             state.tally = tally.state()  # a collective: every rank is here at the same step
+            cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
             if env.is_zero:
                 checkpoint.save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
@@ -86,7 +89,7 @@ def train(cfg: Config) -> dict:
         records.start(split, fresh=path is None)
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
-        cadence = CheckpointCadence(cfg, env.device).install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75
+        cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75
         records.begin_training(state)
         for epoch in range(state.epoch, cfg.train.epochs):
             train_batches.set_epoch(epoch)
@@ -98,7 +101,7 @@ def train(cfg: Config) -> dict:
                 state.advance()
                 records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
                 scheduler.step()
-                if cadence.due(state, len(train_batches)):
+                if cadence.due(state, len(train_batches), tally):
                     path = save_checkpoint(state)
                     cadence.stop_if_signalled(state, path)
             train_s = records.epoch_seconds(sync=True)

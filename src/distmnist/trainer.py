@@ -145,7 +145,7 @@ class RunCheckpoints(Callback):
         self.cadence.install()  # again, after Lightning installed its own SIGTERM handler
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.cadence.due(self.state, len(trainer.datamodule.train_batches)):
+        if self.cadence.due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
             path = self.save(trainer)
             self.cadence.stop_if_signalled(self.state, path)
 
@@ -155,6 +155,7 @@ class RunCheckpoints(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
         self.state.tally = pl_module.tally.state()  # a collective: save_checkpoint runs on every rank
+        self.cadence.check_finite(self.state, pl_module.model)  # diverged: stop (exit 3) before writing it
         ckpt["distmnist"] = self.records.checkpoint_meta(self.state)
 
     def on_load_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
@@ -176,7 +177,7 @@ def train(cfg: Config) -> dict:
     with dist.process_group(env, cfg.dist.timeout_s):
         found = run.agreed(found)
         records, state = Records(run), TrainState()
-        cadence = CheckpointCadence(cfg, env.device)
+        cadence = CheckpointCadence(cfg, env.device, records)
         trainer = L.Trainer(
             accelerator=env.device.type,
             devices=env.local_world_size,

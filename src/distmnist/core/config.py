@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.resources
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -308,8 +309,8 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        need = "zero or more" if allow_zero else "greater than zero"
+    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+        need = "a finite number " + ("of zero or more" if allow_zero else "greater than zero")
         raise DistMnistError(f"config key {key!r} must be {need}, got {value!r}")
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 USAGE_EXIT = 2
 RANK_LOST_EXIT = 1
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run the same command to resume
+DIVERGED_EXIT = 3  # the loss or the weights became non-finite: stopped before writing them (no model.pt)
 
 
 class DistMnistError(Exception):
@@ -24,6 +25,10 @@ class DistMnistError(Exception):
 
 class Stopped(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after every rank wrote its part of a checkpoint."""
+
+
+class Diverged(Exception):
+    """Every rank found the training loss or the weights non-finite at the same step; nothing non-finite written."""
 
 
 COLLECTIVE_FAILURE = re.compile(
@@ -56,7 +61,8 @@ def process_rank() -> int:
 
 
 def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75."""
+    """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75, a
+    Diverged exit 3; a collective that lost its peers exit 1."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -72,13 +78,14 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
                 raise
             print(f"distmnist: error: {line}", file=sys.stderr, flush=True)
             return RANK_LOST_EXIT
-        except Stopped as stop:
-            # The checkpoint is written: the launcher's follow-up SIGTERM (torchrun sends one as soon as another
-            # rank exits) must not turn this exit into a death by signal while the interpreter shuts down.
+        except (Stopped, Diverged) as stop:
+            # Every rank stops at the same step: the launcher's follow-up SIGTERM (torchrun sends one as soon as
+            # another rank exits) must not turn this exit into a death by signal while the interpreter shuts down.
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, signal.SIG_IGN)
-            if process_rank() == 0:  # every rank stopped at the same step: one line is enough
-                print(f"distmnist: {stop}", file=sys.stderr, flush=True)
-            return STOPPED_EXIT
+            diverged = isinstance(stop, Diverged)
+            if process_rank() == 0:  # one line is enough
+                print(f"distmnist: {'error: ' if diverged else ''}{stop}", file=sys.stderr, flush=True)
+            return DIVERGED_EXIT if diverged else STOPPED_EXIT
 
     return wrapper

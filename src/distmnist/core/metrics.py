@@ -101,6 +101,10 @@ class TrainTally:
         self.correct.add_((logits.detach().argmax(dim=1) == target).sum())
         self.count.add_(target.shape[0])
 
+    def nonfinite(self) -> torch.Tensor:
+        """1 (on the device, no host sync) if a non-finite loss went into this epoch's sums, else 0."""
+        return (~torch.isfinite(self.loss_sum)).to(torch.int32)
+
     def state(self) -> list[float]:
         """The epoch's sums so far, reduced over all ranks (a collective): what a mid-epoch checkpoint keeps."""
         return dist.all_reduce_sum(self.sums.clone()).tolist()

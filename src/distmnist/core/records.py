@@ -168,8 +168,16 @@ class Records:
             "train_acc": last.get("train_acc"),
             "train_samples_per_sec": samples / train_s if train_s > 0 else None,
             "wall_s": self.elapsed(),
+            "status": "done",
             "history": self.history,
         }
+
+    def diverged(self, state: TrainState, line: str) -> None:
+        """metrics.json says the run diverged, and where (rank 0); no model.pt is written."""
+        if self.env.is_zero:
+            summary = {**self.summary(state.global_step), "status": "diverged", "diverged": line}
+            checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
+        self.tb.close()
 
     def finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
         """model.pt and metrics.json, written by rank 0."""

@@ -8,6 +8,7 @@ rank is left waiting in a collective.
 
 from __future__ import annotations
 
+import math
 import signal
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import torch
 
 from distmnist.core import dist
 from distmnist.core.config import Config
-from distmnist.core.errors import Stopped
+from distmnist.core.errors import Diverged, Stopped
+from distmnist.core.metrics import TrainTally
+from distmnist.core.records import Records
 from distmnist.core.state import TrainState
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -42,13 +45,19 @@ class StopRequest:
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
-    def agreed(self, device: torch.device) -> int:
-        """The signal any rank received (0 if none): a collective, every rank must call it at the same step."""
+    def agreed(self, device: torch.device, flag: torch.Tensor | None = None) -> tuple[int, int]:
+        """(the signal any rank received or 0, the largest `flag` of any rank or 0): a collective with several
+        processes, every rank must call it at the same step. `flag` (an int tensor on `device`) rides on the same
+        all-reduce; with one process reading it is a host sync."""
         if not dist.is_distributed():
-            return self.signum
-        flag = torch.tensor([self.signum], dtype=torch.int32, device=device if dist.backend_needs_device() else "cpu")
-        dist.all_reduce_max(flag)
-        return int(flag.item())
+            return self.signum, int(flag.item()) if flag is not None else 0
+        both = torch.zeros(2, dtype=torch.int32, device=device if dist.backend_needs_device() else "cpu")
+        both[0] = self.signum
+        if flag is not None:
+            both[1:].copy_(flag.reshape(1))
+        dist.all_reduce_max(both)
+        signum, flagged = both.tolist()
+        return signum, flagged
 
 
 def signal_name(signum: int) -> str:
@@ -61,11 +70,16 @@ def signal_name(signum: int) -> str:
 class CheckpointCadence:
     """When the training loop writes a mid-epoch checkpoint: every ``checkpoint.every_n_steps`` steps, and at the
     step the ranks agree on after a SIGTERM/SIGUSR1 -- after which training stops (exit 75; a rerun resumes).
-    The end-of-epoch checkpoint is not its business: it follows the evaluation."""
+    The end-of-epoch checkpoint is not its business: it follows the evaluation.
 
-    def __init__(self, cfg: Config, device: torch.device) -> None:
+    It also stops a run that diverged (exit 3) before anything non-finite is written: the stop check's all-reduce
+    carries a non-finite-loss flag (one process: read at the log steps, where the logged loss syncs anyway), and
+    :meth:`check_finite` looks at the loss and the weights before every checkpoint."""
+
+    def __init__(self, cfg: Config, device: torch.device, records: Records) -> None:
         self.every, self.stop_every = cfg.checkpoint.every_n_steps, cfg.checkpoint.stop_check_every_n_steps
-        self.device = device
+        self.log_every = cfg.train.log_every_n_steps
+        self.device, self.records = device, records
         self.request = StopRequest()
         self.signum = 0
 
@@ -76,12 +90,17 @@ class CheckpointCadence:
     def uninstall(self) -> None:
         self.request.uninstall()
 
-    def due(self, state: TrainState, steps_in_epoch: int) -> bool:
+    def due(self, state: TrainState, steps_in_epoch: int, tally: TrainTally) -> bool:
         """After an optimizer step, on every rank (the stop check is a collective every stop_every steps)."""
         if state.step_in_epoch >= steps_in_epoch:
             return False
         step = state.global_step
-        self.signum = self.request.agreed(self.device) if step % self.stop_every == 0 else 0
+        self.signum = 0
+        if step % self.stop_every == 0:
+            read_loss = dist.is_distributed() or step % self.log_every == 0
+            self.signum, bad = self.request.agreed(self.device, tally.nonfinite() if read_loss else None)
+            if bad:
+                self.diverged(state, tally.state(), "the training loss")
         return bool(self.signum) or bool(self.every and step % self.every == 0)
 
     def stop_if_signalled(self, state: TrainState, path: Path) -> None:
@@ -91,3 +110,20 @@ class CheckpointCadence:
                 f"stopped by {signal_name(self.signum)} at step {state.global_step} (epoch {state.epoch + 1}); "
                 f"checkpoint {path}; run the same command again to resume"
             )
+
+    def check_finite(self, state: TrainState, model: torch.nn.Module) -> None:
+        """Before a checkpoint is written, on every rank (`state.tally`: the epoch's sums reduced over the ranks;
+        the weights are the same on every rank): stop if either is not finite."""
+        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+        if not bool(finite):
+            self.diverged(state, state.tally, "the weights")
+        if state.tally and not math.isfinite(state.tally[0]):
+            self.diverged(state, state.tally, "the training loss")
+
+    def diverged(self, state: TrainState, sums: list[float] | None, what: str) -> None:
+        loss = sums[0] / sums[2] if sums and sums[2] else float("nan")
+        line = (f"training diverged: {what} became non-finite by step {state.global_step} (epoch {state.epoch + 1}; "
+                f"mean training loss of the epoch so far {loss}); stopped before writing it: no model.pt, any "
+                f"checkpoint in run.dir is from before -- lower optim.lr")
+        self.records.diverged(state, line)
+        raise Diverged(line)

@@ -141,10 +141,11 @@ def test_editable_install_finds_the_shipped_configs(installed):
         capture_output=True, text=True, timeout=TIMEOUT,
     ))
     # -S: this environment's site-packages (torch, yaml) without its .pth files, which may hold an editable
-    # install of the checkout; then the editable install's folder with its .pth (the import hook)
+    # install of the checkout; the editable install's folder with its .pth (the import hook) first: its finder
+    # module has the same name as the checkout's editable finder in site-packages
     libs = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
     code = (
-        f"import site, sys\nsys.path += {libs!r}\nsite.addsitedir({str(editable)!r})\n"
+        f"import site, sys\nsite.addsitedir({str(editable)!r})\nsys.path += {libs!r}\n"
         "import importlib.resources, distmnist\n"
         "from distmnist.core.config import resolve_path\n"
         "print(distmnist.__file__)\n"

@@ -146,21 +146,23 @@ def newest_good(ckpt_dir: str | Path, check, quiet: bool = False) -> tuple[Path,
     `check` raises DistMnistError for a checkpoint that must not be used at all (other model, other config):
     that is not skipped but stops the run, since an older file of the same run dir would be just as foreign.
     """
-    found = listing(ckpt_dir)
+    found, damaged = listing(ckpt_dir), []
     for path in found:
         try:
             obj = read(path)
         except DistMnistError as err:
-            if not quiet:
-                print(f"distmnist: warning: {err}; trying the previous checkpoint", file=sys.stderr, flush=True)
+            damaged.append(str(err))
             continue
+        if not quiet:  # reported once a good one is found: otherwise the refusal below says it all
+            for line in damaged:
+                print(f"distmnist: warning: {line}; using an older checkpoint", file=sys.stderr, flush=True)
         check(obj, path)
         return path, obj
     if found:  # never a silent restart from step 0 over a run dir that holds checkpoints
-        names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        more = f" (and {len(found) - 1} more that do not load either)" if len(found) > 1 else ""
         raise DistMnistError(
-            f"no checkpoint in {ckpt_dir} loads ({names}: see the warnings above); to start this run again from "
-            f"scratch, move them out of that folder"
+            f"no checkpoint in {ckpt_dir} loads: {damaged[0]}{more}; to start this run again from scratch, move "
+            f"them out of that folder"
         )
     return None
 

@@ -44,6 +44,8 @@
 # (code 75); then the job requeues itself (`scontrol requeue`) and, started again (SLURM_RESTART_COUNT >= 1),
 # resumes from that checkpoint. On SIGTERM (scancel, preemption, the time limit itself) SLURM has signalled the
 # training processes already: the script waits for their checkpoint and exits; it does not requeue.
+# A job requeues itself at most DISTMNIST_MAX_REQUEUES times (default 10; as submitit's slurm_max_num_timeout), and
+# only after every rank checkpointed (exit 75): a run that cannot make progress does not requeue forever.
 #
 # Mistakes fail within seconds, with one line in the log and exit code 2: an unknown strategy, a bad config
 # (missing file, unknown key, bad value), train.accelerator=cuda without GPUs, task and GPU counts that do not
@@ -183,6 +185,8 @@ head_node="$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2> /dev/null | he
 port="${DISTMNIST_RDZV_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
 [[ "$port" =~ ^[0-9]+$ ]] || fail "DISTMNIST_RDZV_PORT must be a port number, got '$port'"
 restarts="${SLURM_RESTART_COUNT:-0}"
+max_requeues="${DISTMNIST_MAX_REQUEUES:-10}"
+[[ "$max_requeues" =~ ^[0-9]+$ ]] || fail "DISTMNIST_MAX_REQUEUES must be a number of requeues (0 or more), got '$max_requeues'"
 
 # ddp, fabric: slurm/torchrun_node.sh must be readable on every node; it is found next to the submitted script
 # (or in $DISTMNIST_HOME/slurm), not in SLURM's private copy of this script
@@ -259,7 +263,11 @@ if [ "$stop" = USR1 ] && [ -z "$step" ]; then
     # a job that requeues itself before training would do so again and again
     fail "SIGUSR1 arrived before the training started ($SECONDS s into the job): not requeueing; is the warning time of --signal=B:USR1@<seconds> shorter than --time?"
 fi
-if [ "$stop" = USR1 ] && [ "$rc" != 0 ]; then
+if [ "$stop" = USR1 ] && [ "$rc" = 75 ] && [ "$restarts" -ge "$max_requeues" ]; then
+    say "stopped (exit 75) after $restarts requeue(s), the limit (DISTMNIST_MAX_REQUEUES=$max_requeues): not requeueing; resubmit with run.dir=$run_dir to resume"
+    exit 75
+fi
+if [ "$stop" = USR1 ] && [ "$rc" = 75 ]; then # 75: every rank wrote its checkpoint (2, 3: requeueing cannot help)
     trap '' TERM USR1 # the requeue sends SIGTERM to this script
     [ "$SECONDS" -ge 2 ] || sleep 2 # SLURM refuses to requeue a job in its first second
     if scontrol requeue "$SLURM_JOB_ID"; then

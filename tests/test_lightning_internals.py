@@ -7,6 +7,7 @@ test_trainer_step_inside_training_step_equals_raw_ddp; here, the names and hooks
 from __future__ import annotations
 
 import inspect
+import signal
 
 import lightning as L
 import pytest
@@ -24,13 +25,44 @@ def test_lightning_is_the_version_the_workarounds_were_written_for():
     )
 
 
+def quiet_trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+
+
 def test_sigterm_broadcast_is_still_a_method_of_the_epoch_loop_and_is_skipped():
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     loop = trainer.fit_loop.epoch_loop
     assert callable(getattr(loop, "_broadcast_sigterm_tensor", None))
-    lightning_internals.skip_sigterm_broadcast(trainer)
+    assert callable(getattr(trainer._signal_connector, "register_signal_handlers", None))
+    lightning_internals.leave_sigterm_to_distmnist(trainer)
     assert loop._broadcast_sigterm_tensor() is None
+
+
+@pytest.mark.parametrize("left_to_distmnist", [True, False])
+def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_distmnist):
+    """Lightning installs its own SIGTERM handler when fit starts (a SIGTERM then ends the run with exit 0 and no
+    checkpoint); left to distmnist, the handler in force inside fit is the one installed before it."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    def ours(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[Probe()])
+        if left_to_distmnist:
+            lightning_internals.leave_sigterm_to_distmnist(trainer)
+        trainer.fit(BoringModel())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (seen == [ours]) == left_to_distmnist, seen
 
 
 def test_lightning_names_the_running_hook_in_current_fx_name():

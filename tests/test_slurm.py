@@ -275,3 +275,26 @@ def test_a_run_dir_left_by_an_earlier_job_with_the_same_id_is_not_resumed(slurm_
     assert job.rc == 2, job.describe()
     assert f"error: {job.run_dir} already exists, left by an earlier job with the same id" in job.log, job.describe()
     assert list(job.run_dir.iterdir()) == []
+
+
+@pytest.mark.timeout(300)
+def test_requeues_are_capped(slurm_cluster, tmp_path):
+    """DISTMNIST_MAX_REQUEUES=0: SIGUSR1 still checkpoints every rank (exit 75), but the job does not requeue
+    itself: it ends, and says why."""
+    job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], ("--strategy", "ddp", *LONG), timeout=200,
+              env_extra={"DISTMNIST_MAX_REQUEUES": "0"})
+    try:
+        deadline = time.monotonic() + 150
+        while not any((job.run_dir / "checkpoints").glob("step=*.ckpt")):
+            assert job.proc.poll() is None and time.monotonic() < deadline, job.describe()
+            time.sleep(0.1)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(job.id)], env=slurm_cluster.env(), check=True,
+                       timeout=30)
+        job.wait()
+    finally:
+        job.cancel()
+    log = job.log
+    assert job.rc == 75, job.describe()
+    assert "not requeueing" in log and "DISTMNIST_MAX_REQUEUES=0" in log, log
+    assert "requeued job" not in log and "restart=1" not in log, log
+    assert any((job.run_dir / "checkpoints").glob("step=*.ckpt"))

@@ -7,7 +7,8 @@ behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails 
 * :func:`tuned` -- the LightningModule with per-step costs removed (``_current_fx_name`` writes, the profiler
   scope of ``zero_grad``, a device transfer of batches already on the device) and, on one GPU at 32-true, the
   step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
-* :func:`skip_sigterm_broadcast` -- Lightning's per-step SIGTERM broadcast (a collective and a host sync).
+* :func:`leave_sigterm_to_distmnist` -- Lightning's own SIGTERM handler, which would end a run with exit 0 and no
+  checkpoint; and its per-step SIGTERM broadcast (a collective and a host sync), which then has nothing to share.
 * :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
 * :func:`hush` -- Lightning's start-up lines that say nothing about this run.
 """
@@ -85,11 +86,16 @@ def tuned(module_class: type, graph_step: bool = False) -> type:
     return type(f"Tuned{module_class.__name__}", bases, {})
 
 
-def skip_sigterm_broadcast(trainer) -> None:
-    """Lightning 2.6, with several processes, broadcasts rank 0's SIGTERM flag and reads it back (`.item()`, a
-    host sync and a collective) before every training step. distmnist replaces Lightning's SIGTERM handler with
-    its own (core.stopping: checked every checkpoint.stop_check_every_n_steps steps, checkpoint first), so that
-    flag stays 0 and the per-step round trip is skipped. A Lightning without the method is left alone."""
+def leave_sigterm_to_distmnist(trainer) -> None:
+    """distmnist's StopRequest (core.stopping) owns SIGTERM/SIGUSR1 from before fit to the end: the ranks agree on
+    a step, write a checkpoint and exit 75. Lightning 2.6 registers a SIGTERM handler of its own when fit starts
+    (SignalConnector.register_signal_handlers); a SIGTERM after that makes it raise SIGTERMException at the next
+    step and end the run with exit 0 and no checkpoint. So its registration is skipped, and so is the broadcast of
+    its (now always unset) flag that it runs before every training step with several processes (`.item()`: a host
+    sync and a collective per step). A Lightning without these methods is left alone."""
+    connector = getattr(trainer, "_signal_connector", None)
+    if callable(getattr(connector, "register_signal_handlers", None)):
+        connector.register_signal_handlers = lambda: None
     loop = trainer.fit_loop.epoch_loop
     if callable(getattr(loop, "_broadcast_sigterm_tensor", None)):
         loop._broadcast_sigterm_tensor = lambda: None

@@ -141,9 +141,6 @@ class RunCheckpoints(Callback):
         self.run.prune(trainer.global_step)
         return path
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.cadence.install()  # again, after Lightning installed its own SIGTERM handler
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.cadence.due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
             path = self.save(trainer)
@@ -201,13 +198,13 @@ def train(cfg: Config) -> dict:
             log_every_n_steps=cfg.train.log_every_n_steps,
             default_root_dir=str(run.path),
         )
-        lightning_internals.skip_sigterm_broadcast(trainer)
+        lightning_internals.leave_sigterm_to_distmnist(trainer)
         # NNModule with the speed-ups of lightning_internals (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
         module = lightning_internals.tuned(NNModule, graph_step)(cfg)
         if found:
             records.say(f"resuming from {found}", always=True)
-        cadence.install()  # before fit too, so that Lightning's teardown restores ours, not the default
+        cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75 (Lightning's own handler is left out)
         with run.removed_if_refused():
             trainer.fit(module, datamodule=MNISTData(cfg, env), ckpt_path=found)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from procs import child_env
 from distmnist.core.config import DataConfig
 from distmnist.core.data import CLASS_NAMES, load_split, to_float
 from distmnist.core.errors import DistMnistError
-from distmnist.core.model import load_model
+from distmnist.core.model import build_model, load_model
 from distmnist.tools import predict
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -305,3 +306,80 @@ def test_28x28_images_keep_their_pixels():
 def test_blank_image_is_refused():
     with pytest.raises(DistMnistError, match="blank"):
         predict.to_model_input(Image.new("RGB", (100, 100), (128, 128, 128)))
+
+
+# ------------------------------------------------------------------------------ dim, flat and very large images
+DIM = {  # file: (paper, ink) grey levels of a 40x40 photo of a '7' (28x28: framed already)
+    "dim.png": (90, 0),  # grey paper, black ink, underexposed
+    "dim28.png": (90, 0),
+    "low.png": (90, 60),  # 30 grey levels of contrast
+    "pale.png": (200, 170),
+    "dark.png": (10, 60),  # dim ink on a dark background
+}
+
+
+def seven(name: str, paper: int, ink: int) -> Image.Image:
+    size = 28 if name.endswith("28.png") else 40
+    return stroke(size=(size, size), ink=ink, paper=paper, box=(size // 4, 4, size * 3 // 4, size - 6), width=3)
+
+
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory) -> Path:
+    """A model.pt with initial weights: these checks are about reaching the model, not about its answers."""
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    torch.save(build_model([32], seed=0).state_dict(), path)
+    return path
+
+
+def predict_child(model: Path, *images: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m distmnist.predict` as a user runs it, and that process's peak resident memory in bytes (its own
+    rusage from wait4: RUSAGE_CHILDREN would hold the peak of every child this pytest process ever had)."""
+    argv = [*PREDICT_MODULE, "--model", str(model), *map(str, images)]
+    with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:  # files: a pipe could fill up
+        child = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(argv, child.returncode, out.read(), err.read())
+    return proc, usage.ru_maxrss * 1024  # Linux: kB
+
+
+@pytest.fixture(scope="module")
+def dim_run(untrained_model, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess, int]:
+    """The dim and low-contrast photos through the command line; its peak memory is the baseline of the others."""
+    root = tmp_path_factory.mktemp("dim")
+    paths = []
+    for name, (paper, ink) in DIM.items():
+        seven(name, paper, ink).save(root / name)
+        paths.append(root / name)
+    return (paths, *predict_child(untrained_model, *paths, cwd=root))
+
+
+def test_dim_and_low_contrast_photos_are_classified(dim_run):
+    paths, proc, _ = dim_run
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(paths), proc.stdout
+    for path, line in zip(paths, lines, strict=True):
+        assert re.fullmatch(rf"{re.escape(str(path))}: class \d p=\d\.\d{{3}}", line), line
+
+
+def test_dim_photos_are_framed_like_a_bright_one():
+    for name, (paper, ink) in DIM.items():
+        bright = predict.to_model_input(seven(name, paper=0, ink=255))
+        t = predict.to_model_input(seven(name, paper, ink))
+        if name.endswith("28.png"):
+            assert torch.equal(t, bright), name  # two grey levels: the same picture, bit for bit
+        else:
+            assert float((t - bright).abs().mean()) < 0.02, name
+
+
+def test_flat_image_is_one_line_and_the_rest_is_classified(untrained_model, tmp_path, capsys):
+    flat, dim = tmp_path / "flat.png", tmp_path / "dim.png"
+    Image.new("L", (40, 40), 90).save(flat)
+    seven("dim.png", *DIM["dim.png"]).save(dim)
+    assert predict.main(["--model", str(untrained_model), str(flat), str(dim)]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(rf"distmnist: error: {re.escape(str(flat))}: blank image \(grey levels 90\.\.90\)[^\n]*\n",
+                        captured.err), captured.err
+    assert re.fullmatch(rf"{re.escape(str(dim))}: class \d p=\d\.\d{{3}}\n", captured.out), captured.out

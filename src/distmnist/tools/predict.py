@@ -22,7 +22,8 @@ Preprocessing rules (:func:`to_model_input`):
    the image's grey range, ``(min + max) / 2``; then the image is inverted, so the background is dark and the
    ink bright, as in MNIST and Fashion-MNIST. Less than 16 grey levels between min and max: a blank image,
    refused.
-5. Background level: the median of the border pixels on the background side of that middle; it becomes 0.
+5. Background level: the median of the border pixels on the background side of that middle (inverted with the
+   image: a dim photo's range is not symmetric about 127.5); it becomes 0.
 6. A 28x28 image is taken to be framed already (an MNIST/Fashion-MNIST image saved as a file): grey levels are
    mapped ``bg..255 -> 0..255`` and nothing else changes (a dark-background data set image comes through bit for
    bit). Re-framing them would hurt: Fashion-MNIST items fill the 28x28 frame.
@@ -148,8 +149,9 @@ def to_model_input(image: Image.Image, dataset: str | None = None) -> torch.Tens
     middle = (lo + hi) / 2
     border = _border(grey)
     if np.median(border) > middle:  # light background: invert so that the ink is bright
-        grey, border, hi = 255.0 - grey, 255.0 - border, 255.0 - lo
-    background_side = border[border <= middle]
+        # the middle moves with the grey levels; it is only symmetric (127.5) for a picture using 0..255
+        grey, border, hi, middle = 255.0 - grey, 255.0 - border, 255.0 - lo, 255.0 - middle
+    background_side = border[border <= middle]  # at least half the border: its median is on this side
     bg = float(np.median(background_side))
 
     if grey.shape == (SIZE, SIZE):  # framed already: only the background level moves to 0

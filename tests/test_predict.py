@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,7 @@ def test_blank_image_is_refused():
 
 
 # ------------------------------------------------------------------------------ dim, flat and very large images
+MB = 1 << 20
 DIM = {  # file: (paper, ink) grey levels of a 40x40 photo of a '7' (28x28: framed already)
     "dim.png": (90, 0),  # grey paper, black ink, underexposed
     "dim28.png": (90, 0),
@@ -383,3 +385,55 @@ def test_flat_image_is_one_line_and_the_rest_is_classified(untrained_model, tmp_
     assert re.fullmatch(rf"distmnist: error: {re.escape(str(flat))}: blank image \(grey levels 90\.\.90\)[^\n]*\n",
                         captured.err), captured.err
     assert re.fullmatch(rf"{re.escape(str(dim))}: class \d p=\d\.\d{{3}}\n", captured.out), captured.out
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """13000 x 13000 white with a black square: 190 kB of PNG, 169 MB decoded, 1.35 GB as one float64 array."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    img = Image.new("L", (13000, 13000), 255)
+    ImageDraw.Draw(img).rectangle((6000, 6000, 6400, 6400), fill=0)
+    img.save(path)
+    return path
+
+
+def test_huge_image_is_refused_from_its_header(huge_png):
+    started = time.monotonic()
+    with pytest.raises(DistMnistError, match=r"13000x13000 pixels .*4096x4096"):
+        predict.read_image(huge_png)
+    assert time.monotonic() - started < 1.0  # nothing decoded
+
+
+def test_huge_image_is_one_line_in_bounded_memory(untrained_model, huge_png, dim_run, tmp_path):
+    _, _, baseline = dim_run
+    proc, peak = predict_child(untrained_model, huge_png, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distmnist: error: {huge_png}: "), proc.stderr[-3000:]
+    assert "13000x13000" in lines[0] and "4096x4096" in lines[0], lines[0]
+    assert peak < baseline + 64 * MB, f"peak {peak / MB:.0f} MB, a 40x40 image {baseline / MB:.0f} MB"
+
+
+def test_large_image_below_the_limit_is_classified_in_bounded_memory(untrained_model, dim_run, tmp_path):
+    """4000 x 4000 RGB: 48 MB decoded; as float64 arrays of the full size it took 300 MB more than a small one."""
+    _, _, baseline = dim_run
+    big = tmp_path / "big.png"
+    stroke(size=(4000, 4000), ink=(0, 0, 0), paper=(255, 255, 255), mode="RGB", box=(1000, 800, 2800, 3200),
+           width=150).save(big)
+    proc, peak = predict_child(untrained_model, big, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert re.fullmatch(rf"{re.escape(str(big))}: class \d p=\d\.\d{{3}}\n", proc.stdout), proc.stdout
+    assert peak < baseline + 160 * MB, f"peak {peak / MB:.0f} MB, a 40x40 image {baseline / MB:.0f} MB"
+
+
+def test_large_images_are_framed_like_small_ones():
+    """Reduced before they become float arrays (a box filter; cut-outs premultiplied): the same 28x28 picture."""
+    small = predict.to_model_input(stroke())
+    for img in (stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140),
+                stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140, ink=(0, 0, 0, 255),
+                       paper=(0, 0, 0, 0), mode="RGBA"),
+                Image.fromarray(np.asarray(stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140, ink=0,
+                                                  paper=255)).astype(np.uint16) * 257)):  # 16 bit
+        t = predict.to_model_input(img)
+        check_mnist_frame(t)
+        assert float((t - small).abs().mean()) < 0.02, img.mode

@@ -224,6 +224,8 @@ def test_dataset_of_run(tmp_path):
     assert predict.dataset_of_run(tmp_path / "model.pt") is None
     (tmp_path / "config.yaml").write_text(": [ not yaml")
     assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    (tmp_path / "config.yaml").write_text("data: " + "[" * 2000)  # PyYAML recurses once per level
+    assert predict.dataset_of_run(tmp_path / "model.pt") is None
 
 
 def stroke(size=(300, 220), ink=255, paper=0, mode="L", box=(60, 30, 200, 190), width=14) -> Image.Image:

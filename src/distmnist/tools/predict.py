@@ -231,8 +231,8 @@ def dataset_of_run(model_path: str | Path) -> str | None:
     try:
         cfg = yaml.safe_load((Path(model_path).parent / "config.yaml").read_text())
         name = cfg["data"]["name"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
-        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, KeyError):
+        return None  # RecursionError: a config.yaml nested too deeply for PyYAML
     return name if name in CLASS_NAMES else None
 
 

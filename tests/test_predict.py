@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -335,17 +334,23 @@ def untrained_model(tmp_path_factory) -> Path:
     return path
 
 
+# Runs argv[2:] and writes its peak resident memory (kB) to argv[1]. A process's peak includes the address space it
+# was forked from (Linux counts the old mm's high-water mark at exec): measured from pytest, a child would report
+# pytest's own peak, so this small process in between starts the command and reads it with wait4.
+PEAK_OF = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def predict_child(model: Path, *images: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
-    """`python -m distmnist.predict` as a user runs it, and that process's peak resident memory in bytes (its own
-    rusage from wait4: RUSAGE_CHILDREN would hold the peak of every child this pytest process ever had)."""
+    """`python -m distmnist.predict` as a user runs it, and that process's peak resident memory in bytes."""
     argv = [*PREDICT_MODULE, "--model", str(model), *map(str, images)]
-    with open(cwd / "stdout", "w+") as out, open(cwd / "stderr", "w+") as err:  # files: a pipe could fill up
-        child = subprocess.Popen(argv, cwd=cwd, env=child_env(), stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        proc = subprocess.CompletedProcess(argv, child.returncode, out.read(), err.read())
-    return proc, usage.ru_maxrss * 1024  # Linux: kB
+    peak = cwd / "peak_kb"
+    proc = run([sys.executable, "-c", PEAK_OF, str(peak), *argv], cwd=cwd)
+    return proc, int(peak.read_text()) * 1024
 
 
 @pytest.fixture(scope="module")

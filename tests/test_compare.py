@@ -193,6 +193,60 @@ def test_binary_metrics_json_is_an_error(tmp_path: Path, capsys):
     assert "metrics.json is damaged (not text)" in capsys.readouterr().err
 
 
+GOOD = {"strategy": "ddp", "world_size": 1, "epochs": 1, "precision": "32-true", "device": "cpu", "global_step": 10,
+        "val_acc": 0.5, "val_loss": 0.7, "train_samples_per_sec": 100.0, "wall_s": 3.0,
+        "history": [{"epoch": 1, "global_step": 10, "val_acc": 0.5, "wall_s": 1.0, "epoch_s": 1.0}]}
+
+
+def good_but(history: dict | None = None, **top) -> str:
+    """GOOD's metrics.json text with some of its values replaced."""
+    return json.dumps({**GOOD, **top, "history": [{**GOOD["history"][0], **(history or {})}]})
+
+
+# metrics.json texts that parse (or nearly) but used to stop the whole comparison with a traceback
+ODD = {
+    "deep_list": "[" * 100_000 + "]" * 100_000,  # json's decoder recurses once per level: RecursionError
+    "deep_object": '{"a": ' * 100_000 + "1" + "}" * 100_000,
+    "long_int": json.dumps(GOOD).replace('"world_size": 1', '"world_size": ' + "9" * 5000),  # over 4300 digits
+    "huge_val_acc": good_but(val_acc=10**400),  # no float holds it: the table's format() overflowed
+    "huge_epoch_s": good_but(history={"epoch_s": 10**400}),
+    "huge_curve": good_but(history={"val_acc": 1e308}),  # the plot's percent axis overflowed
+    "precision_list": good_but(precision=["32-true"]),  # the table wants text
+    "device_object": good_but(device={"cpu": 1}),
+}
+
+
+def test_odd_metrics_json_is_named_and_the_rest_compared(tmp_path: Path):
+    for name, text in {"good": json.dumps(GOOD), **ODD}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+    (tmp_path / "a_file").write_text("x")
+    bad = [*ODD, "missing", "a_file"]
+    proc = run([*DISTMNIST, "compare", "good", *bad, "--out", "cmp.png"], cwd=tmp_path)
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(table_rows(proc.stdout)) == ["good"], proc.stdout
+    check_png(tmp_path / "cmp.png")
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == len(bad), proc.stderr[-3000:]
+    for name, line in zip(bad, warnings, strict=True):
+        assert line.startswith(f"distmnist: warning: skipping {name}: ") and len(line) < 300, line
+    assert all("metrics.json is damaged" in line for line in warnings[: len(ODD)]), warnings
+    assert "nested too deeply" in warnings[0] and "nested too deeply" in warnings[1], warnings
+
+
+def test_only_odd_metrics_json_is_one_line_exit_2(tmp_path: Path, capsys):
+    for name, text in ODD.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(text)
+    assert compare.main([str(tmp_path / name) for name in ODD]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distmnist: error: nothing to compare: "), lines
+    assert lines[0].count("metrics.json is damaged") == len(ODD)
+
+
 def test_no_usable_run_dir_is_one_line_exit_2(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")

@@ -277,6 +277,28 @@ def test_yaml_file_that_is_not_a_config_mapping(tmp_path, name, text):
     assert name in str(info.value)
 
 
+DEEP = "[" * 2000  # PyYAML's parser recurses once per level: 2000 levels exhaust Python's stack
+
+
+@pytest.mark.parametrize(
+    "text", [DEEP, f"model:\n  hidden: {DEEP}\n", "{a: " * 2000], ids=["list", "in-a-section", "mapping"]
+)
+def test_deeply_nested_yaml_file_is_one_line_naming_it(tmp_path, text):
+    f = write(tmp_path / "deep.yaml", text)
+    with pytest.raises(DistMnistError) as info:
+        load_config(f)
+    assert str(f) in str(info.value) and "nest" in str(info.value)
+    assert "\n" not in str(info.value).strip()
+
+
+@pytest.mark.parametrize("key", ["model.hidden", "optim.lr", "run.dir"])
+def test_deeply_nested_override_is_one_line_naming_the_key(key):
+    with pytest.raises(DistMnistError) as info:
+        load_config(None, [f"{key}={DEEP}"])
+    assert key in str(info.value) and "nest" in str(info.value)
+    assert "\n" not in str(info.value).strip() and len(str(info.value)) < 300  # the value is not repeated
+
+
 @pytest.mark.parametrize("item", ["optim.lr", "optim.lr:0.1", "=0.1"])
 def test_override_without_key_value(item):
     with pytest.raises(DistMnistError) as info:

@@ -103,3 +103,16 @@ def test_garbage_config_file_at_the_cli_is_one_line(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_deeply_nested_config_at_the_cli_is_one_line(tmp_path):
+    """2000 nested lists in a config file or an override: one line naming the file or the key, exit 2."""
+    deep = "[" * 2000
+    (tmp_path / "deep.yaml").write_text(f"model:\n  hidden: {deep}\n")
+    for args, named in ((["-c", "deep.yaml"], "deep.yaml"), ([f"model.hidden={deep}"], "model.hidden")):
+        proc = subprocess.run([sys.executable, "-m", "distmnist", "train", *args],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("distmnist: error: ") and named in lines[0], proc.stderr[-2000:]

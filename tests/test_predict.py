@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from procs import child_env
 from distmnist.core.config import DataConfig
 from distmnist.core.data import CLASS_NAMES, load_split, to_float
 from distmnist.core.errors import DistMnistError
-from distmnist.core.model import load_model
+from distmnist.core.model import build_model, load_model
 from distmnist.tools import predict
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -222,6 +223,8 @@ def test_dataset_of_run(tmp_path):
     assert predict.dataset_of_run(tmp_path / "model.pt") is None
     (tmp_path / "config.yaml").write_text(": [ not yaml")
     assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    (tmp_path / "config.yaml").write_text("data: " + "[" * 2000)  # PyYAML recurses once per level
+    assert predict.dataset_of_run(tmp_path / "model.pt") is None
 
 
 def stroke(size=(300, 220), ink=255, paper=0, mode="L", box=(60, 30, 200, 190), width=14) -> Image.Image:
@@ -305,3 +308,139 @@ def test_28x28_images_keep_their_pixels():
 def test_blank_image_is_refused():
     with pytest.raises(DistMnistError, match="blank"):
         predict.to_model_input(Image.new("RGB", (100, 100), (128, 128, 128)))
+
+
+# ------------------------------------------------------------------------------ dim, flat and very large images
+MB = 1 << 20
+DIM = {  # file: (paper, ink) grey levels of a 40x40 photo of a '7' (28x28: framed already)
+    "dim.png": (90, 0),  # grey paper, black ink, underexposed
+    "dim28.png": (90, 0),
+    "low.png": (90, 60),  # 30 grey levels of contrast
+    "pale.png": (200, 170),
+    "dark.png": (10, 60),  # dim ink on a dark background
+}
+
+
+def seven(name: str, paper: int, ink: int) -> Image.Image:
+    size = 28 if name.endswith("28.png") else 40
+    return stroke(size=(size, size), ink=ink, paper=paper, box=(size // 4, 4, size * 3 // 4, size - 6), width=3)
+
+
+@pytest.fixture(scope="module")
+def untrained_model(tmp_path_factory) -> Path:
+    """A model.pt with initial weights: these checks are about reaching the model, not about its answers."""
+    path = tmp_path_factory.mktemp("untrained") / "model.pt"
+    torch.save(build_model([32], seed=0).state_dict(), path)
+    return path
+
+
+# Runs argv[2:] and writes its peak resident memory (kB) to argv[1]. A process's peak includes the address space it
+# was forked from (Linux counts the old mm's high-water mark at exec): measured from pytest, a child would report
+# pytest's own peak, so this small process in between starts the command and reads it with wait4.
+PEAK_OF = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def predict_child(model: Path, *images: Path, cwd: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m distmnist.predict` as a user runs it, and that process's peak resident memory in bytes."""
+    argv = [*PREDICT_MODULE, "--model", str(model), *map(str, images)]
+    peak = cwd / "peak_kb"
+    proc = run([sys.executable, "-c", PEAK_OF, str(peak), *argv], cwd=cwd)
+    return proc, int(peak.read_text()) * 1024
+
+
+@pytest.fixture(scope="module")
+def dim_run(untrained_model, tmp_path_factory) -> tuple[list[Path], subprocess.CompletedProcess, int]:
+    """The dim and low-contrast photos through the command line; its peak memory is the baseline of the others."""
+    root = tmp_path_factory.mktemp("dim")
+    paths = []
+    for name, (paper, ink) in DIM.items():
+        seven(name, paper, ink).save(root / name)
+        paths.append(root / name)
+    return (paths, *predict_child(untrained_model, *paths, cwd=root))
+
+
+def test_dim_and_low_contrast_photos_are_classified(dim_run):
+    paths, proc, _ = dim_run
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(paths), proc.stdout
+    for path, line in zip(paths, lines, strict=True):
+        assert re.fullmatch(rf"{re.escape(str(path))}: class \d p=\d\.\d{{3}}", line), line
+
+
+def test_dim_photos_are_framed_like_a_bright_one():
+    for name, (paper, ink) in DIM.items():
+        bright = predict.to_model_input(seven(name, paper=0, ink=255))
+        t = predict.to_model_input(seven(name, paper, ink))
+        if name.endswith("28.png"):
+            assert torch.equal(t, bright), name  # two grey levels: the same picture, bit for bit
+        else:
+            assert float((t - bright).abs().mean()) < 0.02, name
+
+
+def test_flat_image_is_one_line_and_the_rest_is_classified(untrained_model, tmp_path, capsys):
+    flat, dim = tmp_path / "flat.png", tmp_path / "dim.png"
+    Image.new("L", (40, 40), 90).save(flat)
+    seven("dim.png", *DIM["dim.png"]).save(dim)
+    assert predict.main(["--model", str(untrained_model), str(flat), str(dim)]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(rf"distmnist: error: {re.escape(str(flat))}: blank image \(grey levels 90\.\.90\)[^\n]*\n",
+                        captured.err), captured.err
+    assert re.fullmatch(rf"{re.escape(str(dim))}: class \d p=\d\.\d{{3}}\n", captured.out), captured.out
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """13000 x 13000 white with a black square: 190 kB of PNG, 169 MB decoded, 1.35 GB as one float64 array."""
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    img = Image.new("L", (13000, 13000), 255)
+    ImageDraw.Draw(img).rectangle((6000, 6000, 6400, 6400), fill=0)
+    img.save(path)
+    return path
+
+
+def test_huge_image_is_refused_from_its_header(huge_png):
+    started = time.monotonic()
+    with pytest.raises(DistMnistError, match=r"13000x13000 pixels .*4096x4096"):
+        predict.read_image(huge_png)
+    assert time.monotonic() - started < 1.0  # nothing decoded
+
+
+def test_huge_image_is_one_line_in_bounded_memory(untrained_model, huge_png, dim_run, tmp_path):
+    _, _, baseline = dim_run
+    proc, peak = predict_child(untrained_model, huge_png, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"distmnist: error: {huge_png}: "), proc.stderr[-3000:]
+    assert "13000x13000" in lines[0] and "4096x4096" in lines[0], lines[0]
+    assert peak < baseline + 64 * MB, f"peak {peak / MB:.0f} MB, a 40x40 image {baseline / MB:.0f} MB"
+
+
+def test_large_image_below_the_limit_is_classified_in_bounded_memory(untrained_model, dim_run, tmp_path):
+    """4000 x 4000 RGB: 48 MB decoded; as float64 arrays of the full size it took 300 MB more than a small one."""
+    _, _, baseline = dim_run
+    big = tmp_path / "big.png"
+    stroke(size=(4000, 4000), ink=(0, 0, 0), paper=(255, 255, 255), mode="RGB", box=(1000, 800, 2800, 3200),
+           width=150).save(big)
+    proc, peak = predict_child(untrained_model, big, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+    assert re.fullmatch(rf"{re.escape(str(big))}: class \d p=\d\.\d{{3}}\n", proc.stdout), proc.stdout
+    assert peak < baseline + 160 * MB, f"peak {peak / MB:.0f} MB, a 40x40 image {baseline / MB:.0f} MB"
+
+
+def test_large_images_are_framed_like_small_ones():
+    """Reduced before they become float arrays (a box filter; cut-outs premultiplied): the same 28x28 picture."""
+    small = predict.to_model_input(stroke())
+    for img in (stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140),
+                stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140, ink=(0, 0, 0, 255),
+                       paper=(0, 0, 0, 0), mode="RGBA"),
+                Image.fromarray(np.asarray(stroke(size=(3000, 2200), box=(600, 300, 2000, 1900), width=140, ink=0,
+                                                  paper=255)).astype(np.uint16) * 257)):  # 16 bit
+        t = predict.to_model_input(img)
+        check_mnist_frame(t)
+        assert float((t - small).abs().mean()) < 0.02, img.mode

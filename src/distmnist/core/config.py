@@ -173,6 +173,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = yaml.safe_load(p.read_text())
         except yaml.YAMLError as err:
             raise DistMnistError(f"config file {p} is not valid YAML: {_first_line(err)}") from None
+        except RecursionError:  # PyYAML recurses once per level: a few hundred nested [ or { exhaust the stack
+            raise DistMnistError(f"config file {p} nests lists or mappings too deeply to be a config") from None
         except (OSError, UnicodeDecodeError) as err:
             raise DistMnistError(f"cannot read config file {p}: {err}") from None
         if data is None:
@@ -197,6 +199,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text  # a plain string such as a path with odd characters
+    except RecursionError:  # see load_config; the value itself is too long to repeat
+        raise DistMnistError(f"override {key!r}: the value nests lists or mappings too deeply") from None
     return key, value
 
 

@@ -14,9 +14,9 @@ seconds from the first training step to the end, evaluation and earlier attempts
 without metrics.json that has TensorBoard events (a run still training, or stopped) is shown from its events and
 marked "(running)"; its wall times are the events' own clocks, and s/epoch is not known.
 
-A run dir that is missing, has neither metrics.json nor events, or holds a damaged metrics.json is named in one
-warning line on stderr and the other runs are compared (exit code 0); when no run is left, that is an error
-(one line, exit code 2).
+A run dir that is missing, has neither metrics.json nor events, or holds a damaged metrics.json (not JSON, nested
+too deeply, a value of the wrong kind or out of range) is named in one warning line on stderr and the other runs
+are compared (exit code 0); when no run is left, that is an error (one line, exit code 2).
 """
 
 from __future__ import annotations
@@ -117,6 +117,19 @@ def damaged(path: Path, why: str) -> DistMnistError:
     return DistMnistError(f"{path.name} is damaged ({why})")
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number the table and the plot can use: not a bool, and an int only within a float's range (JSON
+    ints have no bound; format() and matplotlib turn them into floats and overflow)."""
+    if isinstance(value, bool) or not isinstance(value, NUMBER):
+        return False
+    return isinstance(value, float) or abs(value) <= sys.float_info.max
+
+
+def is_accuracy(value: Any) -> bool:
+    """0..1, or NaN; anything else is no accuracy (and 1e308 overflowed the plot's percent axis)."""
+    return is_number(value) and (math.isnan(value) or 0 <= value <= 1)
+
+
 def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
     if not isinstance(metrics, dict):
         raise damaged(path, f"a JSON {type(metrics).__name__}, not an object")
@@ -128,11 +141,16 @@ def check_metrics(metrics: Any, path: Path) -> dict[str, Any]:
         if not isinstance(record, dict):
             raise damaged(path, f"history[{i}] is not an object")
         for key in HISTORY_KEYS:
-            if not isinstance(record.get(key), NUMBER) or isinstance(record.get(key), bool):
+            if not is_number(record.get(key)):
                 raise damaged(path, f"history[{i}] has no number {key!r}")
+        if not is_accuracy(record["val_acc"]):
+            raise damaged(path, f"history[{i}] has val_acc {repr(record['val_acc'])[:40]}, not 0..1")
     for key in ("val_acc", "val_loss", "train_samples_per_sec", "wall_s", "global_step"):
-        if metrics.get(key) is not None and not isinstance(metrics[key], NUMBER):
+        if metrics.get(key) is not None and not (is_accuracy if key == "val_acc" else is_number)(metrics[key]):
             raise damaged(path, f"{key!r} is {repr(metrics[key])[:40]}")
+    for key in ("precision", "device", "dataset"):  # table cells and legend text
+        if metrics.get(key) is not None and not isinstance(metrics[key], str):
+            raise damaged(path, f"{key!r} is {repr(metrics[key])[:40]}, not text")
     return metrics
 
 
@@ -143,6 +161,10 @@ def load_finished(run_dir: Path, metrics_json: Path) -> Run:
         raise damaged(metrics_json, "not text") from None
     except json.JSONDecodeError as err:
         raise damaged(metrics_json, f"not JSON: {err}") from None
+    except RecursionError:  # json's decoder recurses once per level of [ or {
+        raise damaged(metrics_json, "nested too deeply") from None
+    except ValueError as err:  # an int of more than 4300 digits (sys.get_int_max_str_digits)
+        raise damaged(metrics_json, f"not usable JSON: {' '.join(str(err).split())[:80]}") from None
     except OSError as err:
         raise DistMnistError(f"cannot read {metrics_json.name}: {err.strerror or err}") from None
     m = check_metrics(metrics, metrics_json)

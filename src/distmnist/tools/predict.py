@@ -9,9 +9,14 @@ look like a data set image by :func:`to_model_input`, then classified; one line 
 ``path: class <index> (<name>) p=<probability>``. Class names come from ``--classes`` or from the
 ``config.yaml`` of the run dir next to model.pt; without either only the index is printed.
 
+Images of more than 4096x4096 pixels (16.8 Mpx) are refused from their header, before anything is decoded: a
+PNG of a few hundred kB can hold 13000x13000 pixels, GBs once decoded.
+
 Preprocessing rules (:func:`to_model_input`):
 
-1. Orientation from EXIF; 16-bit images scaled to 8 bits; palette images expanded.
+1. Orientation from EXIF; 16-bit images scaled to 8 bits; palette images expanded. A picture with a side over
+   1024 px is first reduced by a whole factor to at most 1024 px (box filter; a cut-out premultiplied by its
+   alpha), so that the float arrays below stay small; the 28x28 frame is made from far fewer pixels anyway.
 2. Transparency: transparent pixels are background. The image is composited onto black or white:
    if the anti-aliased rim of the opaque part (opaque pixels that touch transparent ones) is clearly darker
    than its inside (by more than 32 grey levels) the cut-out came from a dark background -> black; clearly
@@ -22,7 +27,8 @@ Preprocessing rules (:func:`to_model_input`):
    the image's grey range, ``(min + max) / 2``; then the image is inverted, so the background is dark and the
    ink bright, as in MNIST and Fashion-MNIST. Less than 16 grey levels between min and max: a blank image,
    refused.
-5. Background level: the median of the border pixels on the background side of that middle; it becomes 0.
+5. Background level: the median of the border pixels on the background side of that middle (inverted with the
+   image: a dim photo's range is not symmetric about 127.5); it becomes 0.
 6. A 28x28 image is taken to be framed already (an MNIST/Fashion-MNIST image saved as a file): grey levels are
    mapped ``bg..255 -> 0..255`` and nothing else changes (a dark-background data set image comes through bit for
    bit). Re-framing them would hurt: Fashion-MNIST items fill the 28x28 frame.
@@ -38,6 +44,8 @@ Preprocessing rules (:func:`to_model_input`):
 
 8. Values ``uint8 / 255`` as float32, shape [1, 1, 28, 28], like the training data (no normalisation).
 
+The grey levels are float32 arrays throughout.
+
 Exit status: 0 when every image was classified, 2 when any could not be (each one gets a line
 ``distmnist: error: <path>: <reason>`` on stderr and the others are still classified), 2 for a bad --model.
 """
@@ -45,7 +53,9 @@ Exit status: 0 when every image was classified, 2 when any could not be (each on
 from __future__ import annotations
 
 import json
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +74,8 @@ FRAMING = {"mnist": (20, "mass"), "fashion-mnist": (28, "box")}
 MIN_CONTRAST = 16  # grey levels between the darkest and lightest pixel; less: a blank image
 INK_THRESHOLD = 0.3  # of the ink range: pixels above it define the bounding box
 RIM_DIFFERENCE = 32  # grey levels between rim and inside of a cut-out that reveal its original background
+MAX_SIDE = 4096  # MAX_SIDE**2 pixels at most: far below PIL's decompression-bomb limits (89 Mpx warned, 179 refused)
+WORK_SIDE = 1024  # longer side a larger picture is reduced to before it becomes float arrays
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -79,31 +91,55 @@ def read_image(path: str | Path) -> Image.Image:
     except OSError as err:
         raise DistMnistError(f"cannot read the file ({err.strerror or err})") from None
     try:
-        with f, Image.open(f) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
+        with f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_SIDE is the limit, one line
+            with Image.open(f) as img:  # lazy: the header only
+                width, height = img.size
+                if width * height <= MAX_SIDE**2:
+                    img.load()
+                    img = ImageOps.exif_transpose(img)
     except Image.UnidentifiedImageError:
         raise DistMnistError("not an image file Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP...)") from None
+    except Image.DecompressionBombError as err:  # over 179 Mpx: Image.open refuses it and keeps the size
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise DistMnistError(too_large(f"{int(pixels[1]) / 1e6:.0f} Mpx" if pixels else "over 179 Mpx")) from None
     except Exception as err:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, EOFError, zlib.error
         reason = " ".join(str(err).split())[:120] or type(err).__name__
         raise DistMnistError(f"cannot decode the image ({reason})") from None
+    if width * height > MAX_SIDE**2:
+        raise DistMnistError(too_large(f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx)"))
     return img
 
 
+def too_large(size: str) -> str:
+    return (f"image of {size} is above the limit of {MAX_SIDE}x{MAX_SIDE} pixels ({MAX_SIDE**2 / 1e6:.1f} Mpx); "
+            f"scale it down first")
+
+
+def _reduced(image: Image.Image) -> Image.Image:
+    """At most WORK_SIDE px on the longer side, by a whole factor (box filter); smaller pictures as they are."""
+    factor = -(-max(image.size) // WORK_SIDE)
+    return image.reduce(factor) if factor > 1 else image
+
+
 def _grey_and_alpha(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
-    """Grey levels (float, 0..255) and alpha (0..1, or None when the image has no transparency)."""
+    """Grey levels (float32, 0..255) and alpha (0..1, or None when the image has no transparency), of the picture
+    reduced to at most WORK_SIDE px: only that size ever becomes float arrays."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(image, dtype=np.float64)
+        wide = image if image.mode in ("I", "F") else image.convert("I")  # Image.reduce has no I;16 modes
+        a = np.asarray(_reduced(wide), dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or a.max() > 255 else 255.0
         if image.mode == "F" and a.max() <= 1.0:
             top = 1.0
-        return np.clip(a * (255.0 / top), 0, 255), None
+        return np.clip(a * np.float32(255.0 / top), 0, 255), None
     has_alpha = "A" in image.getbands() or "transparency" in image.info
     if not has_alpha:
-        return np.asarray(image.convert("L"), dtype=np.float64), None
+        return np.asarray(_reduced(image.convert("L")), dtype=np.float32), None
     rgba = image.convert("RGBA")
-    grey = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float64)
-    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
+    if max(rgba.size) > WORK_SIDE:  # premultiplied while reduced: transparent pixels' colour must not tint the rim
+        rgba = _reduced(rgba.convert("RGBa")).convert("RGBA")
+    grey = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32)
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / np.float32(255.0)
     if alpha.min() >= 1.0:
         return grey, None
     return grey, alpha
@@ -148,8 +184,9 @@ def to_model_input(image: Image.Image, dataset: str | None = None) -> torch.Tens
     middle = (lo + hi) / 2
     border = _border(grey)
     if np.median(border) > middle:  # light background: invert so that the ink is bright
-        grey, border, hi = 255.0 - grey, 255.0 - border, 255.0 - lo
-    background_side = border[border <= middle]
+        # the middle moves with the grey levels; it is only symmetric (127.5) for a picture using 0..255
+        grey, border, hi, middle = 255.0 - grey, 255.0 - border, 255.0 - lo, 255.0 - middle
+    background_side = border[border <= middle]  # at least half the border: its median is on this side
     bg = float(np.median(background_side))
 
     if grey.shape == (SIZE, SIZE):  # framed already: only the background level moves to 0
@@ -194,8 +231,8 @@ def dataset_of_run(model_path: str | Path) -> str | None:
     try:
         cfg = yaml.safe_load((Path(model_path).parent / "config.yaml").read_text())
         name = cfg["data"]["name"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
-        return None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, KeyError):
+        return None  # RecursionError: a config.yaml nested too deeply for PyYAML
     return name if name in CLASS_NAMES else None
 
 

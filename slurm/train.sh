@@ -45,7 +45,8 @@
 # resumes from that checkpoint. On SIGTERM (scancel, preemption, the time limit itself) SLURM has signalled the
 # training processes already: the script waits for their checkpoint and exits; it does not requeue.
 # A job requeues itself at most DISTMNIST_MAX_REQUEUES times (default 10; as submitit's slurm_max_num_timeout), and
-# only after every rank checkpointed (exit 75): a run that cannot make progress does not requeue forever.
+# never after a usage error (exit 2) or a diverged run (exit 3): a run that cannot make progress does not requeue
+# forever.
 #
 # Mistakes fail within seconds, with one line in the log and exit code 2: an unknown strategy, a bad config
 # (missing file, unknown key, bad value), train.accelerator=cuda without GPUs, task and GPU counts that do not
@@ -263,11 +264,15 @@ if [ "$stop" = USR1 ] && [ -z "$step" ]; then
     # a job that requeues itself before training would do so again and again
     fail "SIGUSR1 arrived before the training started ($SECONDS s into the job): not requeueing; is the warning time of --signal=B:USR1@<seconds> shorter than --time?"
 fi
-if [ "$stop" = USR1 ] && [ "$rc" = 75 ] && [ "$restarts" -ge "$max_requeues" ]; then
-    say "stopped (exit 75) after $restarts requeue(s), the limit (DISTMNIST_MAX_REQUEUES=$max_requeues): not requeueing; resubmit with run.dir=$run_dir to resume"
-    exit 75
+# exit 75 from the Trainer's tasks; torchrun, stopped by its SIGTERM, exits 1 whatever its workers did. A usage
+# error (2) or a diverged run (3) is never requeued: it would fail again
+requeue=""
+if [ "$stop" = USR1 ] && [ "$rc" != 0 ] && [ "$rc" != 2 ] && [ "$rc" != 3 ]; then requeue=1; fi
+if [ -n "$requeue" ] && [ "$restarts" -ge "$max_requeues" ]; then
+    say "stopped (exit $rc) after $restarts requeue(s), the limit (DISTMNIST_MAX_REQUEUES=$max_requeues): not requeueing; resubmit with run.dir=$run_dir to resume"
+    exit "$rc"
 fi
-if [ "$stop" = USR1 ] && [ "$rc" = 75 ]; then # 75: every rank wrote its checkpoint (2, 3: requeueing cannot help)
+if [ -n "$requeue" ]; then
     trap '' TERM USR1 # the requeue sends SIGTERM to this script
     [ "$SECONDS" -ge 2 ] || sleep 2 # SLURM refuses to requeue a job in its first second
     if scontrol requeue "$SLURM_JOB_ID"; then

@@ -279,8 +279,8 @@ def test_a_run_dir_left_by_an_earlier_job_with_the_same_id_is_not_resumed(slurm_
 
 @pytest.mark.timeout(300)
 def test_requeues_are_capped(slurm_cluster, tmp_path):
-    """DISTMNIST_MAX_REQUEUES=0: SIGUSR1 still checkpoints every rank (exit 75), but the job does not requeue
-    itself: it ends, and says why."""
+    """DISTMNIST_MAX_REQUEUES=0: SIGUSR1 still checkpoints every rank, but the job does not requeue itself: it
+    ends, and says why."""
     job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], ("--strategy", "ddp", *LONG), timeout=200,
               env_extra={"DISTMNIST_MAX_REQUEUES": "0"})
     try:
@@ -294,7 +294,8 @@ def test_requeues_are_capped(slurm_cluster, tmp_path):
     finally:
         job.cancel()
     log = job.log
-    assert job.rc == 75, job.describe()
+    assert job.rc not in (0, None), job.describe()  # torchrun, stopped by its SIGTERM, exits 1 (its workers 75)
+    assert re.search(r"distmnist: stopped by SIGUSR1 at step \d+", log), log
     assert "not requeueing" in log and "DISTMNIST_MAX_REQUEUES=0" in log, log
     assert "requeued job" not in log and "restart=1" not in log, log
     assert any((job.run_dir / "checkpoints").glob("step=*.ckpt"))

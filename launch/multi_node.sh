@@ -26,9 +26,9 @@
 # Start-up: each agent waits T s for all N nodes (DISTMNIST_STARTUP_TIMEOUT_S, else the config's
 # dist.startup_timeout_s, else 600); a node that does not arrive makes the others stop with one line naming it
 # (or the nodes it may be) and what to check, instead of a hang. Every worker prints its rank and hostname.
-# run.dir: on a shared file system every rank writes and reads the same run dir; on node-local disks each node
-# keeps its own copy and every rank resumes from the checkpoint that rank 0 chose (a node that lacks it fails).
-# data.root may be node-local: each node prepares its own copy of the data set.
+# run.dir: best on a shared file system. Rank 0 writes the checkpoints and model.pt; to resume, every rank loads
+# the checkpoint rank 0 chose (from its own node's run.dir), so a node-local run.dir resumes only where every node
+# holds that file. data.root may be node-local: each node prepares its own copy of the data set.
 # Signals: SIGTERM, SIGUSR1 or Ctrl-C make every process checkpoint at the next agreed step and stop; run the same
 # command on every node again to resume. Exit code: torchrun's (0 done, 1 a process failed), 2 bad arguments.
 set -uo pipefail

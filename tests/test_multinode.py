@@ -12,7 +12,7 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
 - node-local disks: data.root and run.dir on each node's own disk: both nodes prepare intact data, and every rank
   resumes from rank 0's choice of checkpoint even where the other node's run dir holds a newer one.
 
-One config for all the runs compared (`COMMON`): 200 optimizer steps of 128 samples, a checkpoint every 10.
+One config for all the runs compared (`COMMON`): 100 optimizer steps of 128 samples, a checkpoint every 10.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 TRAIN_SH = REPO / "slurm" / "train.sh"
 MULTI_NODE = REPO / "launch" / "multi_node.sh"
 STRATEGIES = ("ddp", "trainer", "fabric")
-COMMON = ("-c", "smoke", "data.train_samples=12800", "checkpoint.every_n_steps=10", "checkpoint.keep=100",
+COMMON = ("-c", "smoke", "data.train_samples=6400", "checkpoint.every_n_steps=10", "checkpoint.keep=100",
           "dist.timeout_s=60")
-STEPS = 2 * 12800 // (4 * 32)  # 2 epochs, 4 processes x batch 32: 200 optimizer steps
+STEPS = 2 * 6400 // (4 * 32)  # 2 epochs, 4 processes x batch 32: 100 optimizer steps
 SBATCH = {  # 2 nodes, 2 CPU processes per node
     "ddp": ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"),
     "fabric": ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"),
@@ -213,7 +213,7 @@ def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, 
 
 
 @pytest.mark.xfail(strict=True, reason="resume at world size 4 is not bit-identical to the uninterrupted run, on one "
-                   "node too (max |diff| 1.5e-7 after 200 steps; exact at world size 2): the first step after a resume "
+                   "node too (max |diff| 1.5e-7 after 200 steps of this test with 12800 samples; exact at world size 2): the first step after a resume "
                    "is likely all-reduced with DDP's initial bucket layout, the uninterrupted run's with the rebuilt "
                    "one -- a sum of 4 in another order. Not a multi-node fault: remove this mark once core resume is "
                    "exact at 4 processes")
@@ -339,7 +339,10 @@ def node_local_run(two_node_cluster, tmp_path_factory):
     """Fashion-MNIST (2560 training samples) with data.root and run.dir on each node's own disk, Lightning Trainer
     under launch/multi_node.sh: every node prepares its own copy of the data; rank 0's run dir (node1) gets the
     checkpoints."""
-    name = tmp_path_factory.mktemp("local").name  # a fresh folder on both node-local disks
+    # a fresh folder on both node-local disks (the cluster, and its disks, may outlive a test session)
+    name = f"{tmp_path_factory.getbasetemp().name}-{tmp_path_factory.mktemp('local').name}"
+    for node in ("node1", "node2"):
+        shutil.rmtree(two_node_cluster.local_of(node) / name, ignore_errors=True)
     local = two_node_cluster.local / name
     args = ("-c", "smoke", "data.name=fashion-mnist", f"data.root={local}/data", "data.train_samples=2560",
             f"run.dir={local}/run", "checkpoint.every_n_steps=5", "checkpoint.keep=10", "dist.timeout_s=60")
@@ -399,4 +402,11 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(nod
     _, log = run(29421)
     assert f"resuming from {cluster.local}/{name}/run/checkpoints/step={chosen:08d}.ckpt" in log, log[-5000:]
     assert f"step={newer:08d}.ckpt" not in log, log[-5000:]
-    assert same_weights(weights(run1), final), "resumed from rank 0's checkpoint, the weights differ"
+    m = metrics(run1)
+    assert (m["num_nodes"], m["world_size"], m["global_step"]) == (2, 4, steps[-1]), m
+    # Tolerance, not bit-identity: a resume at 4 processes is 1.5e-7 off the uninterrupted run on one node too (see
+    # the xfail above). Ranks that resumed from different checkpoints would differ in momentum and data position
+    # from the first step on (or fall out of step in a collective and fail).
+    diff = max((a - b).abs().max().item() for a, b in zip(weights(run1).values(), final.values()))
+    print(f"node-local resume: max |diff| to the uninterrupted run {diff:.3g}")
+    assert diff < 1e-5, f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"

@@ -50,6 +50,10 @@ def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def ranks_by_host(log: str) -> dict[str, set[int]]:
     """{hostname: ranks} from the one line every process prints at start (the launch scripts')."""
     hosts: dict[str, set[int]] = {}
@@ -222,7 +226,7 @@ def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, 
 def test_sbatch_on_two_nodes_requeued_equals_the_uninterrupted_run(sbatch_jobs, reference, strategy):
     job = sbatch_jobs[strategy]
     assert job.rc == 0, job.describe()
-    diff = max((a - b).abs().max().item() for a, b in zip(weights(job.run_dir).values(), weights(reference).values()))
+    diff = max_diff(weights(job.run_dir), weights(reference))
     assert same_weights(weights(job.run_dir), weights(reference)), f"max |diff| {diff:.3g}"
 
 
@@ -261,7 +265,7 @@ def torchrun_runs(two_node_cluster, tmp_path_factory):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, strategy):
     tmp, results = torchrun_runs
-    for node, (rc, out, err) in zip(("node1", "node2"), results[strategy]):
+    for node, (rc, out, err) in zip(("node1", "node2"), results[strategy], strict=True):
         assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
     logs = "".join(out + err for _, out, err in results[strategy])
     assert ranks_by_host(logs) == {"node1": {0, 1}, "node2": {2, 3}}, logs[-5000:]
@@ -287,10 +291,10 @@ def test_torchrun_with_a_missing_node_stops_with_one_line(two_node_cluster, tmp_
     rc = proc.wait(timeout=60)
     elapsed = time.monotonic() - started
     err = "".join(lines)
+    errors = [line for line in lines if "error:" in line]
     print(f"missing node: the line appeared {line_at} s after the start (start-up timeout {timeout_s} s), "
-          f"exit {rc} after {elapsed:.1f} s:\n{[l for l in lines if 'error:' in l]}")
+          f"exit {rc} after {elapsed:.1f} s:\n{errors}")
     assert rc != 0, err
-    errors = [l for l in lines if "error:" in l]
     assert len(errors) == 1, err
     assert ("not all 2 nodes joined the rendezvous at node1:29410 within 10 s: this node (node1) did" in errors[0]
             and "--nnodes=2" in errors[0] and "reachable" in errors[0]), err
@@ -351,7 +355,7 @@ def node_local_run(two_node_cluster, tmp_path_factory):
         started = time.monotonic()
         pair = [multi_node(two_node_cluster, node, "trainer", port, *args) for node in ("node1", "node2")]
         results = [(p.wait(timeout=330), *p.communicate()) for p in pair]
-        for node, (rc, out, err) in zip(("node1", "node2"), results):
+        for node, (rc, out, err) in zip(("node1", "node2"), results, strict=True):
             assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
         return time.monotonic() - started, "".join(out + err for _, out, err in results)
 
@@ -407,6 +411,6 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(nod
     # Tolerance, not bit-identity: a resume at 4 processes is 1.5e-7 off the uninterrupted run on one node too (see
     # the xfail above). Ranks that resumed from different checkpoints would differ in momentum and data position
     # from the first step on (or fall out of step in a collective and fail).
-    diff = max((a - b).abs().max().item() for a, b in zip(weights(run1).values(), final.values()))
+    diff = max_diff(weights(run1), final)
     print(f"node-local resume: max |diff| to the uninterrupted run {diff:.3g}")
     assert diff < 1e-5, f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"

@@ -86,7 +86,9 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol > /dev/null; then
     expected="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2> /dev/null | grep -vxF "$this_node" | tr '\n' ' ')"
 fi
 expected="${expected% }"
-[ -n "$expected" ] || expected="the other $((nnodes - 1)) node(s)"
+# who joined, only the rendezvous knows: with two nodes the missing one is the other, with more some of the others
+if [ -z "$expected" ]; then expected="the other $((nnodes - 1)) node(s)"; [ "$nnodes" -le 2 ] || expected="some of $expected"
+elif [ "$nnodes" -gt 2 ]; then expected="some of $expected"; fi
 echo "$prog: $this_node: torchrun agent for $nproc process(es), joining the rendezvous $endpoint of $nnodes node(s) (start-up timeout ${join_timeout} s)" >&2
 
 # torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to

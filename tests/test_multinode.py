@@ -301,7 +301,7 @@ def test_torchrun_with_a_missing_node_stops_with_one_line(two_node_cluster, tmp_
     assert "Traceback" not in err and "RendezvousTimeoutError" not in err, err
     assert RANK_LINE.search(err) is None, "a training process started"
     assert not (tmp_path / "run").exists()
-    assert timeout_s <= line_at < timeout_s + 30, line_at
+    assert timeout_s <= line_at < timeout_s + 60, line_at  # ~10 s of start-up on a busy 2-core machine, 18-28 s seen
 
 
 @pytest.mark.timeout(120)

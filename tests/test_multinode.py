@@ -332,7 +332,7 @@ def test_srun_tasks_with_a_missing_node_stop_with_one_line(two_node_cluster, tmp
     for rc, err in results:
         assert rc != 0, err
         errors = [line for line in err.splitlines() if "error" in line]
-        assert len(errors) == 1 and "missing" in errors[0], err
+        assert len(errors) == 1 and "missing" in errors[0] and " of 4 " in errors[0], err
         assert "Traceback" not in err, err
     assert elapsed < 60, elapsed
 

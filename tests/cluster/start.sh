@@ -47,9 +47,9 @@ done
 # Any route other than the default one that covers $NET.0/24 (or an address of ours in it) means the range is
 # in use here: a test node's address could then be another machine's.
 if ! ip netns list 2> /dev/null | grep -q "^$NS-node1\b"; then
-    known="$(ip -o route show to match "$NET.1" 2> /dev/null | grep -v '^default' || true)"
-    known+="$(ip -o addr show 2> /dev/null | grep -F " $NET." || true)"
-    [ -z "$known" ] || unavailable "$NET.0/24 is known to this machine's network ($known): set CLUSTER_NET to a range it does not route"
+    known="$({ ip -o route show to match "$NET.1" | grep -v '^default'; ip -o addr show | grep -F " $NET."; } 2> /dev/null |
+        sed -n 1p | tr -s ' \\' ' ' || true)"
+    [ -z "$known" ] || unavailable "$NET.0/24 is known to this machine's network (${known% }): set CLUSTER_NET to a range it does not route"
 fi
 
 # --- SLURM -----------------------------------------------------------------------------------------------------

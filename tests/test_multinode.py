@@ -4,7 +4,8 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
 - `sbatch --nodes=2 slurm/train.sh` for the three strategies (Trainer: one SLURM task per process; ddp/Fabric: one
   torchrun per node), 2 CPU processes per node: ranks on both hostnames, num_nodes 2, world size 4; each job gets
   SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
-  to one node with 4 processes that was never interrupted;
+  to one node with 4 processes resumed from the same step (and within 1e-5 of the uninterrupted run: a resume at 4
+  processes is not exact on one node either, the xfail test says why);
 - `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
   bit-identical to the same one-node run;
 - a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time
@@ -199,7 +200,8 @@ def stopped_at(job: Job) -> int:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, resumed_reference, strategy):
+def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, reference, resumed_reference,
+                                                                    strategy):
     """Stopped by SIGUSR1 at step S on two nodes, requeued, resumed on two nodes: the same weights as one node with 4
     processes resumed from the same step S (see the next test for the uninterrupted run)."""
     job = sbatch_jobs[strategy]
@@ -214,6 +216,7 @@ def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, 
     assert set(ranks_by_host(before)) == set(ranks_by_host(after)) == {"node1", "node2"}, log
     assert same_weights(weights(job.run_dir), weights(resumed_reference(step))), \
         "two nodes, interrupted and requeued, differ from one node with 4 processes resumed at the same step"
+    assert max_diff(weights(job.run_dir), weights(reference)) < 1e-5
 
 
 @pytest.mark.xfail(strict=True, reason="resume at world size 4 is not bit-identical to the uninterrupted run, on one "

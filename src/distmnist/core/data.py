@@ -16,6 +16,7 @@ Pixel values are ``uint8 / 255`` as float32 in both (what ``ToTensor`` gives); s
 from __future__ import annotations
 
 import fcntl
+import functools
 import gzip
 import math
 import os
@@ -275,7 +276,7 @@ def prepare(name: str, source: str | Path, root: str | Path,
     with PrepareLock(name, root, timeout_s) as lock:
         if lock.held:
             _remove_leftovers(name, root)
-        _within(deadline, "copying", lambda: _install(name, found, root), lock)
+        _within(deadline, "copying", functools.partial(_install, name, found, root), lock)
     return _dataset_folder(name, root) / "raw"
 
 
@@ -317,7 +318,7 @@ def _fetch(cfg: DataConfig) -> None:
         for folder in SYSTEM_FOLDERS[cfg.name]:
             if folder.is_dir() and all(_find(folder, f) for f in RAW_FILES):
                 found = _checked_sources(cfg.name, folder)
-                _within(deadline, "copying", lambda: _install(cfg.name, found, cfg.root), lock)
+                _within(deadline, "copying", functools.partial(_install, cfg.name, found, cfg.root), lock)
                 return
         if not cfg.download:
             raise DistMnistError(

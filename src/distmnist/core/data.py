@@ -344,17 +344,24 @@ def ensure_available(cfg: DataConfig, env: dist.DistEnv) -> None:
         group = torch.distributed.new_group(
             backend="gloo", timeout=timedelta(seconds=cfg.prepare_timeout_s + OUTCOME_SLACK_S)
         )
-    problem = None
+    problem, bug = None, None
     if env.local_rank == 0 or group is None:
         try:
             _fetch(cfg)
         except DistMnistError as err:
             problem = str(err)
+        except OSError as err:  # a folder that cannot be made, a file system that refuses: the user's to fix
+            problem = f"cannot prepare {cfg.name} under {cfg.root}: {err}"
+        except Exception as err:  # a bug: the others must not wait for an outcome that never comes
+            problem = f"preparing {cfg.name} under {cfg.root} failed on rank {env.rank}: {type(err).__name__}"
+            bug = err
     if group is not None:
         outcomes: list[str | None] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(outcomes, problem, group=group)
         torch.distributed.destroy_process_group(group)
         problem = next((p for p in outcomes if p is not None), None)
+    if bug is not None:
+        raise bug  # with its traceback, where it happened
     if problem is not None:
         raise AgreedError(problem)
 

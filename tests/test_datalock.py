@@ -128,7 +128,7 @@ def _killed_preparation(folder: Path):
         prep.communicate(timeout=60)
         if prep.returncode == -signal.SIGKILL:
             break
-        shutil.rmtree(root)
+        shutil.rmtree(root, ignore_errors=True)
     left = {"tmp": list(raw_of(root).glob(".*.tmp")), "lock": data.lock_path("fashion-mnist", root).read_text()}
     run = subprocess.run([sys.executable, "-m", "distmnist.ddp", *FASHION_RUN, f"data.root={root}",
                           f"run.dir={folder / 'run'}", "data.prepare_timeout_s=60"],

@@ -307,7 +307,7 @@ def test_torchrun_with_a_missing_node_stops_with_one_line(two_node_cluster, tmp_
     assert timeout_s <= line_at < timeout_s + 60, line_at  # ~10 s of start-up on a busy 2-core machine, 18-28 s seen
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_srun_tasks_with_a_missing_node_stop_with_one_line(two_node_cluster, tmp_path):
     """The Trainer's srun layout (one task per process), node1's two tasks of four alone: each stops at process-group
     initialisation after dist.startup_timeout_s with one line saying what is missing."""
@@ -322,7 +322,8 @@ def test_srun_tasks_with_a_missing_node_stop_with_one_line(two_node_cluster, tmp
     started = time.monotonic()
     procs = [
         subprocess.Popen(
-            two_node_cluster.on("node1", sys.executable, "-m", "distmnist.trainer", *COMMON,
+            # dist.timeout_s=600: without the start-up timeout they would wait that long (then pytest's timeout)
+            two_node_cluster.on("node1", sys.executable, "-m", "distmnist.trainer", *COMMON, "dist.timeout_s=600",
                                 "dist.startup_timeout_s=10", f"run.dir={tmp_path / 'run'}"),
             env=child_env(**base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -331,13 +332,14 @@ def test_srun_tasks_with_a_missing_node_stop_with_one_line(two_node_cluster, tmp
     ]
     results = [(p.wait(timeout=90), p.communicate()[1]) for p in procs]
     elapsed = time.monotonic() - started
-    print(f"srun layout, missing node: both tasks ended {elapsed:.1f} s after the start (start-up timeout 10 s)")
+    print(f"srun layout, missing node: both tasks ended {elapsed:.1f} s after the start (start-up timeout 10 s; "
+          f"the import of torch and Lightning is most of it)\n{results[0][1].strip().splitlines()[-1:]}")
     for rc, err in results:
         assert rc != 0, err
         errors = [line for line in err.splitlines() if "error" in line]
         assert len(errors) == 1 and "missing" in errors[0] and " of 4 " in errors[0], err
         assert "Traceback" not in err, err
-    assert elapsed < 60, elapsed
+    assert elapsed < 150, elapsed  # 52 s seen on a busy 2-core machine
 
 
 # ------------------------------------------------------------------------------------------ node-local disks

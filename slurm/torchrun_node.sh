@@ -10,6 +10,12 @@
 # The agent that finds HOST to be its own machine hosts the rendezvous store (with several agents on one
 # machine, the first to bind the port). Config args go to `python -m distmnist.<strategy>` unchanged.
 #
+# Start-up: the agent waits at most the start-up timeout for all N nodes to join the rendezvous (torchrun's
+# join_timeout): DISTMNIST_STARTUP_TIMEOUT_S if set, else the config's dist.startup_timeout_s (where the config
+# has that key), else 600 s. When not every node arrives in time, each agent that did arrive stops with one line
+# naming the endpoint, this node, the nodes that may be missing (the job's node list under SLURM) and what to
+# check -- instead of torchrun's traceback. Every worker prints one line with its rank and hostname at start.
+#
 # Signals: SIGUSR1 or SIGTERM sent to this script makes it send one SIGTERM to the torchrun agent, which passes
 # it to its workers: they checkpoint at the next agreed step boundary and exit 75 (the agent then exits 1).
 # The agent itself ignores SIGUSR1 (torchrun would die of it, leaving its workers without a checkpoint).
@@ -49,6 +55,42 @@ esac
 [[ "$endpoint" =~ ^[^:]+:[0-9]+$ ]] || die "--rdzv-endpoint must be HOST:PORT, got '$endpoint'"
 [ -n "$rdzv_id" ] || die "--rdzv-id is required (the same on every node, e.g. the SLURM job id)"
 
+PYTHON="${PYTHON:-python}"
+# The config args, read as `python -m distmnist.<strategy>` will (one line and exit 2 on a mistake), before any
+# process starts; prints dist.startup_timeout_s where the config has that key.
+startup="$("$PYTHON" - "$strategy" "$@" << 'PY'
+import math
+import sys
+
+from distmnist.core.args import parse_strategy_args
+from distmnist.core.errors import report_errors
+
+
+@report_errors
+def startup_timeout() -> int:
+    cfg = parse_strategy_args(sys.argv[1], sys.argv[2:])
+    value = getattr(cfg.dist, "startup_timeout_s", None)
+    print("" if value is None else math.ceil(value))
+    return 0
+
+
+sys.exit(startup_timeout())
+PY
+)" || exit $?
+join_timeout="${DISTMNIST_STARTUP_TIMEOUT_S:-${startup:-600}}"
+[[ "$join_timeout" =~ ^[0-9]+$ ]] && [ "$join_timeout" -gt 0 ] ||
+    die "DISTMNIST_STARTUP_TIMEOUT_S must be a whole number of seconds > 0, got '$join_timeout'"
+this_node="$(hostname)"
+expected=""
+if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol > /dev/null; then
+    expected="$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2> /dev/null | grep -vxF "$this_node" | tr '\n' ' ')"
+fi
+expected="${expected% }"
+# who joined, only the rendezvous knows: with two nodes the missing one is the other, with more some of the others
+if [ -z "$expected" ]; then expected="the other $((nnodes - 1)) node(s)"; [ "$nnodes" -le 2 ] || expected="some of $expected"
+elif [ "$nnodes" -gt 2 ]; then expected="some of $expected"; fi
+echo "$prog: $this_node: torchrun agent for $nproc process(es), joining the rendezvous $endpoint of $nnodes node(s) (start-up timeout ${join_timeout} s)" >&2
+
 # torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
 # connect (pytorch/pytorch#135712): the workers get a store of their own.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
@@ -69,20 +111,47 @@ trap 'stop_agent USR1' USR1
 trap 'stop_agent TERM' TERM
 trap 'stop_agent INT' INT
 
+# torchrun's stderr passes through this filter (line by line, unbuffered): a traceback that ends in
+# RendezvousTimeoutError (not every node joined within join_timeout) becomes one line; all else passes unchanged.
+# The filter ignores the signals the job's processes get, so it drains the agent's output to the end.
+rdzv_filter() {
+    trap '' USR1 TERM INT
+    exec awk -v prog="$prog" -v node="$this_node" -v nnodes="$nnodes" -v endpoint="$endpoint" \
+        -v timeout="$join_timeout" -v missing="$expected" '
+        function flush(   i) { for (i = 1; i <= n; i++) print buf[i]; n = 0; fflush() }
+        /^Traceback \(most recent call last\):/ { flush(); intb = 1; buf[++n] = $0; next }
+        intb && /^[ \t]/ { buf[++n] = $0; next }
+        intb && /RendezvousTimeoutError/ {
+            intb = 0; n = 0
+            printf "%s: error: not all %s nodes joined the rendezvous at %s within %s s: this node (%s) did; missing: %s. Check that every node runs the job with --nnodes=%s and the same --rdzv-id, that %s is reachable from every node (name resolution, firewall), or raise DISTMNIST_STARTUP_TIMEOUT_S\n", prog, nnodes, endpoint, timeout, node, missing, nnodes, endpoint
+            fflush(); next
+        }
+        intb { intb = 0; buf[++n] = $0; flush(); next }
+        { print; fflush() }
+        END { flush() }'
+}
+
 # `python -m torch.distributed.run` is torchrun from the same environment as distmnist. It starts with SIGUSR1
-# ignored (an ignored signal stays ignored across exec; the workers install their own handler for it).
+# ignored (an ignored signal stays ignored across exec; the workers install their own handler for it). Each
+# worker is `bash -c` that prints its rank and hostname, then execs `python -m distmnist.<strategy>`.
+export PYTHON
+exec {to_filter}> >(rdzv_filter >&2)
+filter=$!
 (
     trap '' USR1
-    exec "${PYTHON:-python}" -m torch.distributed.run \
+    exec "$PYTHON" -m torch.distributed.run \
         --nnodes="$nnodes" \
         --nproc_per_node="$nproc" \
         --rdzv_backend=c10d \
         --rdzv_endpoint="$endpoint" \
         --rdzv_id="$rdzv_id" \
+        --rdzv_conf="join_timeout=$join_timeout" \
         --max_restarts=0 \
-        -m "distmnist.$strategy" "$@"
-) &
+        --no-python bash -c 'echo "'"$prog"': rank $RANK of $WORLD_SIZE on $(hostname) (node rank $GROUP_RANK, local rank $LOCAL_RANK)" >&2; exec "$PYTHON" -m "$0" "$@"' \
+        "distmnist.$strategy" "$@"
+) 2>&"$to_filter" &
 agent=$!
+exec {to_filter}>&- # the agent (and its workers) hold the filter's only input now
 [ "$pending" = 0 ] || kill -TERM "$agent" 2> /dev/null || true
 
 set +e
@@ -91,4 +160,5 @@ while :; do
     rc=$?
     kill -0 "$agent" 2> /dev/null || break # `wait` returns early when a trapped signal arrives
 done
+wait "$filter" 2> /dev/null # the filter has written its last line
 exit "$rc"

@@ -243,8 +243,10 @@ rc=75
 if [ -z "$stop" ]; then
     if [ "$strategy" = trainer ]; then
         export MASTER_ADDR="$head_node" MASTER_PORT="$port"
+        # each task prints its rank and hostname, then becomes `python -m distmnist.trainer`
         srun --nodes="$nnodes" --ntasks=$((nnodes * tpn)) --ntasks-per-node="$tpn" --kill-on-bad-exit=1 \
-            "$PYTHON" -m distmnist.trainer "${args[@]}" &
+            bash -c 'echo "distmnist-slurm: rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname) (node rank $SLURM_NODEID, local rank $SLURM_LOCALID)" >&2; exec "$0" -m distmnist.trainer "$@"' \
+            "$PYTHON" "${args[@]}" &
     else
         srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
             bash "$helper" --strategy "$strategy" --nnodes "$nnodes" --nproc-per-node "$nproc" \

@@ -1,0 +1,421 @@
+"""Two real hosts: node1 and node2 are network namespaces linked only to each other (tests/cluster/start.sh), each
+with its own hostname, address, /etc/hosts and node-local disk, and a SLURM cluster across them.
+
+- `sbatch --nodes=2 slurm/train.sh` for the three strategies (Trainer: one SLURM task per process; ddp/Fabric: one
+  torchrun per node), 2 CPU processes per node: ranks on both hostnames, num_nodes 2, world size 4; each job gets
+  SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
+  to one node with 4 processes resumed from the same step (and within 1e-5 of the uninterrupted run: a resume at 4
+  processes is not exact on one node either, the xfail test says why);
+- `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
+  bit-identical to the same one-node run;
+- a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time
+  (torchrun's rendezvous; and the processes of an srun job at process-group initialisation);
+- node-local disks: data.root and run.dir on each node's own disk: both nodes prepare intact data, and every rank
+  resumes from rank 0's choice of checkpoint even where the other node's run dir holds a newer one.
+
+One config for all the runs compared (`COMMON`): 100 optimizer steps of 128 samples, a checkpoint every 10.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from procs import REPO, child_env, free_port, ok, same_weights, torchrun, weights
+
+from distmnist.core import data as dm_data
+
+pytestmark = [pytest.mark.multinode, pytest.mark.slow]
+
+TRAIN_SH = REPO / "slurm" / "train.sh"
+MULTI_NODE = REPO / "launch" / "multi_node.sh"
+STRATEGIES = ("ddp", "trainer", "fabric")
+COMMON = ("-c", "smoke", "data.train_samples=6400", "checkpoint.every_n_steps=10", "checkpoint.keep=100",
+          "dist.timeout_s=60")
+STEPS = 2 * 6400 // (4 * 32)  # 2 epochs, 4 processes x batch 32: 100 optimizer steps
+SBATCH = {  # 2 nodes, 2 CPU processes per node
+    "ddp": ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"),
+    "fabric": ("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2"),
+    "trainer": ("--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"),
+}
+RANK_LINE = re.compile(r"rank (\d+) of (\d+) on (\S+) \(node rank (\d+), local rank (\d+)\)")
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def ranks_by_host(log: str) -> dict[str, set[int]]:
+    """{hostname: ranks} from the one line every process prints at start (the launch scripts')."""
+    hosts: dict[str, set[int]] = {}
+    for rank, world, host, _node, _local in RANK_LINE.findall(log):
+        assert world == "4", log
+        hosts.setdefault(host, set()).add(int(rank))
+    return hosts
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run on one node: torchrun, 4 processes, raw DDP (the strategies train the same weights).
+    It keeps every checkpoint (one per 10 steps) for resumed_reference."""
+    tmp = tmp_path_factory.mktemp("reference")
+    started = time.monotonic()
+    ok(torchrun("distmnist.ddp", *COMMON, f"run.dir={tmp / 'run'}", nproc=4, cwd=tmp, timeout=300))
+    print(f"reference (1 node x 4 processes) took {time.monotonic() - started:.1f} s")
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def resumed_reference(reference, tmp_path_factory):
+    """step -> a one-node, 4-process run resumed from the reference's checkpoint at that step (made once per step)."""
+    made: dict[int, Path] = {}
+
+    def at(step: int) -> Path:
+        if step not in made:
+            run = tmp_path_factory.mktemp(f"resumed{step}") / "run"
+            (run / "checkpoints").mkdir(parents=True)
+            shutil.copy(reference / "config.yaml", run / "config.yaml")
+            ckpt = f"step={step:08d}.ckpt"
+            shutil.copy(reference / "checkpoints" / ckpt, run / "checkpoints" / ckpt)
+            proc = ok(torchrun("distmnist.ddp", *COMMON, f"run.dir={run}", nproc=4, cwd=run.parent, timeout=300))
+            assert f"resuming from {run}/checkpoints/{ckpt}" in proc.stdout + proc.stderr
+            made[step] = run
+        return made[step]
+
+    return at
+
+
+# ------------------------------------------------------------------------------------------ sbatch --nodes=2
+class Job:
+    """`sbatch --wait slurm/train.sh ...` submitted on node1, running in the background."""
+
+    def __init__(self, cluster, cwd: Path, opts, args, timeout: float):
+        self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["timeout", str(int(timeout)),
+             *cluster.on("node1", "sbatch", "--wait", "--parsable", *opts, TRAIN_SH, *args)],
+            cwd=cwd, env=cluster.env(child_env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        first = self.proc.stdout.readline().strip()
+        if not first:
+            self.proc.wait(timeout=30)
+            pytest.fail(f"sbatch failed (exit {self.proc.returncode}): {self.proc.stderr.read()}")
+        self.id = int(first.split(";")[0])
+        self.rc: int | None = None
+        self.elapsed = 0.0
+
+    @property
+    def log(self) -> str:
+        path = self.cwd / f"slurm-distmnist-{self.id}.out"
+        return path.read_text() if path.exists() else ""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cwd / "runs" / f"distmnist-{self.id}"
+
+    def scontrol(self, *args: str) -> str:
+        return subprocess.run(self.cluster.on("node1", *args), env=self.cluster.env(), capture_output=True,
+                              text=True, timeout=30).stdout
+
+    def wait(self) -> int:
+        if self.rc is None:
+            self.proc.wait(timeout=self.timeout + 30)
+            self.rc, self.elapsed = self.proc.returncode, time.monotonic() - self.started
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.rc
+
+    def cancel(self) -> None:
+        if self.rc is None:
+            self.scontrol("scancel", str(self.id))
+            try:
+                self.wait()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def describe(self) -> str:
+        return f"job {self.id} exit {self.rc} after {self.elapsed:.1f} s; its log:\n{self.log[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def sbatch_jobs(two_node_cluster, tmp_path_factory):
+    """The three strategies' two-node jobs, submitted together; each gets `scancel --signal=USR1 --batch` (what
+    --signal=B:USR1@120 sends before the time limit) once its first checkpoint is there, requeues itself and
+    resumes. One run per strategy serves the training, the layout and the requeue assertions."""
+    tmp = tmp_path_factory.mktemp("sbatch")
+    jobs = {s: Job(two_node_cluster, tmp, SBATCH[s], ("--strategy", s, *COMMON), timeout=420) for s in STRATEGIES}
+    try:
+        signalled: dict[str, float] = {}
+        while len(signalled) < len(jobs):
+            for strategy, job in jobs.items():
+                if strategy in signalled:
+                    continue
+                if any((job.run_dir / "checkpoints").glob("step=*.ckpt")):
+                    job.scontrol("scancel", "--signal=USR1", "--batch", str(job.id))
+                    signalled[strategy] = time.monotonic()
+                elif job.proc.poll() is not None or time.monotonic() - job.started > 300:
+                    job.wait()
+                    pytest.fail(f"{strategy}: no checkpoint while the job ran\n{job.describe()}")
+            time.sleep(0.1)
+        for strategy, job in jobs.items():
+            job.wait()
+            print(f"{strategy}: job {job.id}: first checkpoint {signalled[strategy] - job.started:.1f} s after sbatch, "
+                  f"done {job.elapsed:.1f} s after sbatch (3 jobs at once, one requeue each)")
+        yield jobs
+    finally:
+        for job in jobs.values():
+            job.cancel()
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sbatch_on_two_nodes_trains_with_ranks_on_both_hosts(sbatch_jobs, strategy):
+    job = sbatch_jobs[strategy]
+    assert job.rc == 0, job.describe()
+    log = job.log
+    assert f"strategy={strategy} nodes=2 processes=4 (2 per node, CPU, gloo)" in log, log
+    assert "rendezvous=node1:" in log, log
+    hosts = ranks_by_host(log.split("restart=1")[-1])  # the run that finished, after the requeue
+    assert hosts == {"node1": {0, 1}, "node2": {2, 3}}, log
+    m = metrics(job.run_dir)
+    assert (m["strategy"], m["num_nodes"], m["world_size"], m["global_step"]) == (strategy, 2, 4, STEPS), m
+
+
+def stopped_at(job: Job) -> int:
+    stop = re.search(r"distmnist: stopped by SIGUSR1 at step (\d+)", job.log)
+    assert stop, f"the job was not stopped by the signal\n{job.describe()}"
+    return int(stop.group(1))
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, reference, resumed_reference,
+                                                                    strategy):
+    """Stopped by SIGUSR1 at step S on two nodes, requeued, resumed on two nodes: the same weights as one node with 4
+    processes resumed from the same step S (see the next test for the uninterrupted run)."""
+    job = sbatch_jobs[strategy]
+    assert job.rc == 0, job.describe()
+    log = job.log
+    step = stopped_at(job)
+    assert 0 < step < STEPS, f"stopped at step {step}: the run was too short to be interrupted"
+    assert f"requeued job {job.id}" in log and f"restart=1 job={job.id}" in log, log
+    assert f"resuming from {job.run_dir}/checkpoints/step={step:08d}.ckpt" in log, log
+    # both runs, before and after the requeue, had ranks on both nodes
+    before, after = log.split("restart=1")
+    assert set(ranks_by_host(before)) == set(ranks_by_host(after)) == {"node1", "node2"}, log
+    assert same_weights(weights(job.run_dir), weights(resumed_reference(step))), \
+        "two nodes, interrupted and requeued, differ from one node with 4 processes resumed at the same step"
+    assert max_diff(weights(job.run_dir), weights(reference)) < 1e-5
+
+
+@pytest.mark.xfail(strict=True, reason="resume at world size 4 is not bit-identical to the uninterrupted run, on one "
+                   "node too (max |diff| 1.5e-7 after 200 steps of this test with 12800 samples; exact at world size 2): the first step after a resume "
+                   "is likely all-reduced with DDP's initial bucket layout, the uninterrupted run's with the rebuilt "
+                   "one -- a sum of 4 in another order. Not a multi-node fault: remove this mark once core resume is "
+                   "exact at 4 processes")
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_sbatch_on_two_nodes_requeued_equals_the_uninterrupted_run(sbatch_jobs, reference, strategy):
+    job = sbatch_jobs[strategy]
+    assert job.rc == 0, job.describe()
+    diff = max_diff(weights(job.run_dir), weights(reference))
+    assert same_weights(weights(job.run_dir), weights(reference)), f"max |diff| {diff:.3g}"
+
+
+# --------------------------------------------------------------------------------------- two-host torchrun
+def multi_node(cluster, node: str, strategy: str, port: int, *args: str, **env: str) -> subprocess.Popen:
+    cmd = cluster.on(node, "bash", MULTI_NODE, "--nnodes", "2", "--endpoint", f"node1:{port}",
+                     "--strategy", strategy, "--nproc", "2", "--run-id", f"test-{strategy}", "--", *args)
+    return subprocess.Popen(["timeout", "300", *cmd], env=child_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(two_node_cluster, tmp_path_factory):
+    """launch/multi_node.sh on node1 and on node2, for the three strategies at once (one endpoint each)."""
+    tmp = tmp_path_factory.mktemp("torchrun")
+    started = time.monotonic()
+    procs = {
+        s: [multi_node(two_node_cluster, node, s, 29400 + i, *COMMON, f"run.dir={tmp / s}")
+            for node in ("node1", "node2")]
+        for i, s in enumerate(STRATEGIES)
+    }
+    results = {}
+    try:
+        for s, pair in procs.items():
+            results[s] = [(p.wait(timeout=330), *p.communicate()) for p in pair]
+    finally:
+        for pair in procs.values():
+            for p in pair:
+                if p.poll() is None:
+                    p.kill()
+    print(f"three two-host torchrun runs at once took {time.monotonic() - started:.1f} s")
+    return tmp, results
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, strategy):
+    tmp, results = torchrun_runs
+    for node, (rc, out, err) in zip(("node1", "node2"), results[strategy], strict=True):
+        assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
+    logs = "".join(out + err for _, out, err in results[strategy])
+    assert ranks_by_host(logs) == {"node1": {0, 1}, "node2": {2, 3}}, logs[-5000:]
+    m = metrics(tmp / strategy)
+    assert (m["strategy"], m["num_nodes"], m["world_size"], m["global_step"]) == (strategy, 2, 4, STEPS), m
+    assert same_weights(weights(tmp / strategy), weights(reference)), "two hosts differ from one node with 4 processes"
+
+
+# --------------------------------------------------------------------------------------- a node is missing
+@pytest.mark.timeout(120)
+def test_torchrun_with_a_missing_node_stops_with_one_line(two_node_cluster, tmp_path):
+    """node1's half of a two-node job alone: its agent stops after the start-up timeout with one line naming the
+    endpoint, the node that did arrive and what to check -- no traceback, no process started, no run dir."""
+    timeout_s = 10
+    started = time.monotonic()
+    proc = multi_node(two_node_cluster, "node1", "ddp", 29410, *COMMON, f"run.dir={tmp_path / 'run'}",
+                      DISTMNIST_STARTUP_TIMEOUT_S=str(timeout_s))
+    lines, line_at = [], None
+    for line in proc.stderr:  # read as it comes: when did the line appear?
+        lines.append(line)
+        if "error:" in line and line_at is None:
+            line_at = time.monotonic() - started
+    rc = proc.wait(timeout=60)
+    elapsed = time.monotonic() - started
+    err = "".join(lines)
+    errors = [line for line in lines if "error:" in line]
+    print(f"missing node: the line appeared {line_at} s after the start (start-up timeout {timeout_s} s), "
+          f"exit {rc} after {elapsed:.1f} s:\n{errors}")
+    assert rc != 0, err
+    assert len(errors) == 1, err
+    assert ("not all 2 nodes joined the rendezvous at node1:29410 within 10 s: this node (node1) did" in errors[0]
+            and "--nnodes=2" in errors[0] and "reachable" in errors[0]), err
+    assert "Traceback" not in err and "RendezvousTimeoutError" not in err, err
+    assert RANK_LINE.search(err) is None, "a training process started"
+    assert not (tmp_path / "run").exists()
+    assert timeout_s <= line_at < timeout_s + 60, line_at  # ~10 s of start-up on a busy 2-core machine, 18-28 s seen
+
+
+@pytest.mark.timeout(240)
+def test_srun_tasks_with_a_missing_node_stop_with_one_line(two_node_cluster, tmp_path):
+    """The Trainer's srun layout (one task per process), node1's two tasks of four alone: each stops at process-group
+    initialisation after dist.startup_timeout_s with one line saying what is missing."""
+    from distmnist.core.config import DistConfig
+
+    if "startup_timeout_s" not in DistConfig.__dataclass_fields__:
+        pytest.skip("dist.startup_timeout_s is not in this tree yet (the worker-side start-up timeout)")
+    port = free_port()
+    base = dict(SLURM_JOB_ID="9999", SLURM_JOB_NAME="distmnist", SLURM_STEP_ID="0", SLURM_NTASKS="4",
+                SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_NODEID="0",
+                MASTER_ADDR="node1", MASTER_PORT=str(port))
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            # dist.timeout_s=600: without the start-up timeout they would wait that long (then pytest's timeout)
+            two_node_cluster.on("node1", sys.executable, "-m", "distmnist.trainer", *COMMON, "dist.timeout_s=600",
+                                "dist.startup_timeout_s=10", f"run.dir={tmp_path / 'run'}"),
+            env=child_env(**base, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    results = [(p.wait(timeout=90), p.communicate()[1]) for p in procs]
+    elapsed = time.monotonic() - started
+    print(f"srun layout, missing node: both tasks ended {elapsed:.1f} s after the start (start-up timeout 10 s; "
+          f"the import of torch and Lightning is most of it)\n{results[0][1].strip().splitlines()[-1:]}")
+    for rc, err in results:
+        assert rc != 0, err
+        errors = [line for line in err.splitlines() if "error" in line]
+        assert len(errors) == 1 and "missing" in errors[0] and " of 4 " in errors[0], err
+        assert "Traceback" not in err, err
+    assert elapsed < 150, elapsed  # 52 s seen on a busy 2-core machine
+
+
+# ------------------------------------------------------------------------------------------ node-local disks
+@pytest.fixture(scope="module")
+def node_local_run(two_node_cluster, tmp_path_factory):
+    """Fashion-MNIST (2560 training samples) with data.root and run.dir on each node's own disk, Lightning Trainer
+    under launch/multi_node.sh: every node prepares its own copy of the data; rank 0's run dir (node1) gets the
+    checkpoints."""
+    # a fresh folder on both node-local disks (the cluster, and its disks, may outlive a test session)
+    name = f"{tmp_path_factory.getbasetemp().name}-{tmp_path_factory.mktemp('local').name}"
+    for node in ("node1", "node2"):
+        shutil.rmtree(two_node_cluster.local_of(node) / name, ignore_errors=True)
+    local = two_node_cluster.local / name
+    args = ("-c", "smoke", "data.name=fashion-mnist", f"data.root={local}/data", "data.train_samples=2560",
+            f"run.dir={local}/run", "checkpoint.every_n_steps=5", "checkpoint.keep=10", "dist.timeout_s=60")
+
+    def run(port):
+        started = time.monotonic()
+        pair = [multi_node(two_node_cluster, node, "trainer", port, *args) for node in ("node1", "node2")]
+        results = [(p.wait(timeout=330), *p.communicate()) for p in pair]
+        for node, (rc, out, err) in zip(("node1", "node2"), results, strict=True):
+            assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
+        return time.monotonic() - started, "".join(out + err for _, out, err in results)
+
+    took, log = run(29420)
+    print(f"node-local Fashion-MNIST run took {took:.1f} s")
+    return two_node_cluster, name, run, log
+
+
+def test_each_node_prepares_its_own_intact_data(node_local_run):
+    cluster, name, _, log = node_local_run
+    copies = {}
+    for node in ("node1", "node2"):
+        raw = cluster.local_of(node) / name / "data" / "FashionMNIST" / "raw"
+        files = sorted(p.name for p in raw.iterdir())
+        assert set(dm_data.RAW_FILES) <= set(files), (node, files)
+        for f in dm_data.RAW_FILES:
+            if "images" in f:
+                dm_data.header_check(raw / f)  # size = what the header says
+        copies[node] = {f: (raw / f).read_bytes() for f in dm_data.RAW_FILES}
+    assert copies["node1"] == copies["node2"]
+    m = metrics(cluster.local_of("node1") / name / "run")
+    assert (m["num_nodes"], m["world_size"], m["dataset"]) == (2, 4, "fashion-mnist"), m
+    assert not (cluster.local_of("node2") / name / "run" / "model.pt").exists()  # rank 0 (node1) writes it
+
+
+@pytest.mark.timeout(600)
+def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(node_local_run):
+    """node1 keeps an early checkpoint only, node2's run dir a newer one too: all four ranks resume from rank 0's
+    choice (node2 alone would take its newest), and the result equals the uninterrupted run's. A rank that resumed
+    elsewhere would be out of step with the others."""
+    cluster, name, run, _ = node_local_run
+    run1, run2 = (cluster.local_of(node) / name / "run" for node in ("node1", "node2"))
+    final = weights(run1)
+    shutil.rmtree(run2, ignore_errors=True)
+    shutil.copytree(run1, run2)
+    ckpts = sorted((run1 / "checkpoints").glob("step=*.ckpt"))
+    steps = [int(p.stem.split("=")[1]) for p in ckpts]
+    assert len(steps) >= 3, steps
+    chosen, newer = steps[0], steps[-2]
+    for p in ckpts:
+        step = int(p.stem.split("=")[1])
+        if step != chosen:
+            p.unlink()  # node1: the first checkpoint only
+        if step not in (chosen, newer):
+            (run2 / "checkpoints" / p.name).unlink()  # node2: the first and a newer one
+    for d in (run1, run2):
+        (d / "model.pt").unlink()
+    _, log = run(29421)
+    assert f"resuming from {cluster.local}/{name}/run/checkpoints/step={chosen:08d}.ckpt" in log, log[-5000:]
+    assert f"step={newer:08d}.ckpt" not in log, log[-5000:]
+    m = metrics(run1)
+    assert (m["num_nodes"], m["world_size"], m["global_step"]) == (2, 4, steps[-1]), m
+    # Tolerance, not bit-identity: a resume at 4 processes is 1.5e-7 off the uninterrupted run on one node too (see
+    # the xfail above). Ranks that resumed from different checkpoints would differ in momentum and data position
+    # from the first step on (or fall out of step in a collective and fail).
+    diff = max_diff(weights(run1), final)
+    print(f"node-local resume: max |diff| to the uninterrupted run {diff:.3g}")
+    assert diff < 1e-5, f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"

@@ -47,7 +47,9 @@ def train(cfg: Config) -> dict:
         # one process needs no DDP wrapper: same arithmetic (averaging over 1 rank), no bucket overhead
         net = model
         if env.world_size > 1:
-            net = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            # a gradient bucket per parameter: see dist.ddp_kwargs
+            net = DistributedDataParallel(model, device_ids=device_ids, **dist.ddp_kwargs())
         optimizer = build_optimizer(cfg.optim, model.parameters())
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         scaler = grad_scaler(cfg.train.precision, env.device)  # active for 16-mixed only

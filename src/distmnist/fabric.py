@@ -41,7 +41,11 @@ def train(cfg: Config) -> dict:
         accelerator=env.device.type,
         devices=env.local_world_size,
         num_nodes=env.num_nodes,
-        strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
+        strategy=(  # a gradient bucket per parameter: see dist.ddp_kwargs
+            DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs())
+            if env.world_size > 1
+            else "auto"
+        ),
         precision=cfg.train.precision,
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
     )

@@ -179,7 +179,11 @@ def train(cfg: Config) -> dict:
             accelerator=env.device.type,
             devices=env.local_world_size,
             num_nodes=env.num_nodes,
-            strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
+            strategy=(  # a gradient bucket per parameter: see dist.ddp_kwargs
+                DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs())
+                if env.world_size > 1
+                else "auto"
+            ),
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
             logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),

@@ -48,8 +48,8 @@ def train(cfg: Config) -> dict:
         net = model
         if env.world_size > 1:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
-            # a gradient bucket per parameter: see dist.ddp_kwargs
-            net = DistributedDataParallel(model, device_ids=device_ids, **dist.ddp_kwargs())
+            # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+            net = DistributedDataParallel(model, device_ids=device_ids, **dist.ddp_kwargs(env.world_size))
         optimizer = build_optimizer(cfg.optim, model.parameters())
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         scaler = grad_scaler(cfg.train.precision, env.device)  # active for 16-mixed only

@@ -41,8 +41,8 @@ def train(cfg: Config) -> dict:
         accelerator=env.device.type,
         devices=env.local_world_size,
         num_nodes=env.num_nodes,
-        strategy=(  # a gradient bucket per parameter: see dist.ddp_kwargs
-            DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs())
+        strategy=(  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+            DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
             if env.world_size > 1
             else "auto"
         ),

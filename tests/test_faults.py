@@ -127,11 +127,17 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
 @slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
+    """Plain `torchrun --standalone --max-restarts=1`: the restarted group shares torchrun's store with the dead
+    one's keys (pytorch/pytorch#135712); core/dist.py gives each start its own key, so it connects and resumes."""
     run_dir = tmp_path / "run"
     proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
     try:
         wait_for_checkpoint(proc, run_dir)
         pids = worker_pids(proc)
+        # torchrun's default path: its rendezvous store, shared with the workers and kept for the restart
+        worker_env = Path(f"/proc/{pids[1]}/environ").read_bytes().split(b"\0")
+        assert b"TORCHELASTIC_USE_AGENT_STORE=True" in worker_env
+        assert not any(item.startswith(b"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=") for item in worker_env)
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
         while Path(f"/proc/{pids[0]}").exists() and time.monotonic() - killed < 60:

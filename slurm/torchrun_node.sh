@@ -49,9 +49,6 @@ esac
 [[ "$endpoint" =~ ^[^:]+:[0-9]+$ ]] || die "--rdzv-endpoint must be HOST:PORT, got '$endpoint'"
 [ -n "$rdzv_id" ] || die "--rdzv-id is required (the same on every node, e.g. the SLURM job id)"
 
-# torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
-# connect (pytorch/pytorch#135712): the workers get a store of their own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 

@@ -37,12 +37,15 @@ def reference(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
-def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = ()) -> subprocess.Popen:
+def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = (), late_restart: bool = False) -> subprocess.Popen:
+    """torchrun's workers run `-m distmnist.<strategy>`; with late_restart through tests/late_start.py, so that
+    rank 1 of a restarted attempt arrives 3 s after rank 0."""
     log = open(tmp / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra),
-        cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
+    cmd = torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra)
+    if late_restart:
+        at = cmd.index(f"distmnist.{strategy}")
+        cmd[at - 1:at] = [str(Path(__file__).with_name("late_start.py"))]  # `-m MODULE` -> `late_start.py MODULE`
+    return subprocess.Popen(cmd, cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def log_of(tmp: Path, run_dir: Path) -> str:
@@ -128,9 +131,11 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
     """Plain `torchrun --standalone --max-restarts=1`: the restarted group shares torchrun's store with the dead
-    one's keys (pytorch/pytorch#135712); core/dist.py gives each start its own key, so it connects and resumes."""
+    one's keys (pytorch/pytorch#135712); core/dist.py gives each start its own key, so it connects and resumes.
+    The restarted rank 1 arrives 3 s after rank 0: without that key, rank 0 reads the dead rank 1's gloo address
+    and fails (Connection refused) every time, not only when the two happen to start in that order."""
     run_dir = tmp_path / "run"
-    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
+    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",), late_restart=True)
     try:
         wait_for_checkpoint(proc, run_dir)
         pids = worker_pids(proc)

@@ -48,7 +48,8 @@ def start_some(tmp: Path, who: dict[int, str], world: int, env_of) -> tuple[list
 
 
 def finish(procs: list[subprocess.Popen], arrived: float) -> tuple[list[tuple[int, str]], float, float]:
-    """Their exit codes and stderr; how long after rank 0's arrival the last first line came, and the last exit."""
+    """Their exit codes and stderr; how long after rank 0's arrival the last first line came, and the last exit
+    (which includes the interpreter's teardown of torch and Lightning: seconds, more on a loaded machine)."""
     first_line_at: dict[int, float] = {}
     err: dict[int, list[str]] = {i: [] for i in range(len(procs))}
 
@@ -108,7 +109,7 @@ def test_half_of_a_two_node_job_names_the_missing_node(tmp_path):
         assert "missing: ranks 2-3, node rank 1 (torchrun GROUP_RANK); no process from node ghost1" in line, line
         assert f"arrived: ranks 0-1 on {socket.gethostname()}" in line, line
         assert "MASTER_ADDR:MASTER_PORT is reachable from every node" in line and "--nnodes" in line, line
-    assert said < STARTUP_S + 15 and exited < STARTUP_S + 60, (said, exited)
+    assert said < STARTUP_S + 15, said  # then each one exits (69 above: not killed at finish's deadline)
     assert not list(tmp_path.glob("run*/model.pt"))
 
 
@@ -124,7 +125,7 @@ def test_two_of_three_srun_tasks_name_rank_2(tmp_path):
         assert code == STARTUP_EXIT, stderr[-3000:]
         assert "start-up incomplete: 2 of 3 processes reached the process group" in line, line
         assert "missing: rank 2;" in line, line
-    assert said < STARTUP_S + 15 and exited < STARTUP_S + 60, (said, exited)
+    assert said < STARTUP_S + 15, said  # then each one exits (69 above: not killed at finish's deadline)
 
 
 def test_rank_ranges_and_slurm_host_lists():

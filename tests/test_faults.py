@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
+from procs import child_env, free_port, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
 
 from distmnist.core import checkpoint
 
@@ -63,19 +63,20 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+def worker_env(pid: int) -> dict[str, str]:
+    """The environment torchrun gave a worker process ({} once it is gone)."""
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+
+
+def worker_pids(agent: subprocess.Popen, count: int = 2) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (read from their environment)."""
     out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = pid
-    assert len(ranks) == 2, ranks
+    ranks = {int(env["RANK"]): pid for pid in map(int, out) if "RANK" in (env := worker_env(pid))}
+    assert len(ranks) == count, ranks
     return ranks
 
 
@@ -140,9 +141,8 @@ def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(refer
         wait_for_checkpoint(proc, run_dir)
         pids = worker_pids(proc)
         # torchrun's default path: its rendezvous store, shared with the workers and kept for the restart
-        worker_env = Path(f"/proc/{pids[1]}/environ").read_bytes().split(b"\0")
-        assert b"TORCHELASTIC_USE_AGENT_STORE=True" in worker_env
-        assert not any(item.startswith(b"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=") for item in worker_env)
+        env = worker_env(pids[1])
+        assert env["TORCHELASTIC_USE_AGENT_STORE"] == "True" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
         while Path(f"/proc/{pids[0]}").exists() and time.monotonic() - killed < 60:
@@ -156,6 +156,45 @@ def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(refer
     assert survivor_s < 15, f"rank 0 outlived its killed peer by {survivor_s:.1f} s"
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from" in out
+    assert_same_run(run_dir, reference)
+
+
+@slow
+def test_kill_9_on_one_of_two_torchrun_nodes_restarts_both_under_one_key(reference, tmp_path):
+    """Two torchrun agents (--nnodes=2, one process each, one c10d rendezvous, --max-restarts=1), the worker of one
+    killed: its agent counts a restart, the other restarts its worker because a node waits, often without counting
+    one -- TORCHELASTIC_RESTART_COUNT then differs between the ranks of one attempt and could not name it; the key
+    rank 0 hands out does. Both agents end with 0 and the weights of the uninterrupted run."""
+    run_dir, port = tmp_path / "run", free_port()
+    cmd = torchrun_cmd("distmnist.ddp", *FAULT, f"run.dir={run_dir}", nproc=1, extra=(
+        "--max-restarts=1", "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t"))
+    cmd.remove("--standalone")
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed below
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+              for log in logs]
+    restart_counts: dict[int, str] = {}  # rank -> TORCHELASTIC_RESTART_COUNT of the restarted workers
+    try:
+        wait_for_checkpoint(agents[1], run_dir)
+        first = {**worker_pids(agents[0], count=1), **worker_pids(agents[1], count=1)}
+        os.kill(worker_pids(agents[1], count=1).popitem()[1], signal.SIGKILL)
+        deadline = time.monotonic() + 300
+        while any(a.poll() is None for a in agents) and time.monotonic() < deadline:
+            children = subprocess.run(["pgrep", "-P", ",".join(str(a.pid) for a in agents)],
+                                      capture_output=True, text=True).stdout.split()
+            for pid in set(map(int, children)) - set(first.values()):
+                if "RANK" in (env := worker_env(pid)):
+                    restart_counts.setdefault(int(env["RANK"]), env["TORCHELASTIC_RESTART_COUNT"])
+            time.sleep(0.1)
+    finally:
+        for a in agents:
+            a.kill()
+            a.wait()
+        for log in logs:
+            log.close()
+    out = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    print(f"\nTORCHELASTIC_RESTART_COUNT of the restarted ranks: {restart_counts}")
+    assert [a.returncode for a in agents] == [0, 0], out[-4000:]
+    assert "resuming from" in out and restart_counts, out[-4000:]
     assert_same_run(run_dir, reference)
 
 

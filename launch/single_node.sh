@@ -76,9 +76,6 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
 fi
 export OMP_NUM_THREADS
-# torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
-# connect (pytorch/pytorch#135712): the workers get a store of their own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export PYTHONUNBUFFERED=1
 
 if [ "$gpus" -gt 0 ]; then device="$gpus GPU(s) visible"; else device="no GPU: CPU with gloo"; fi

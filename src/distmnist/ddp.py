@@ -36,7 +36,7 @@ def train(cfg: Config) -> dict:
     autocast = autocast_factory(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
-    with dist.process_group(env, cfg.dist.timeout_s):
+    with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         records = Records(run)
         data.ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)

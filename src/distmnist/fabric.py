@@ -45,7 +45,8 @@ def train(cfg: Config) -> dict:
         precision=cfg.train.precision,
         plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
     )
-    fabric.launch()  # joins the process group
+    dist.init_process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s)  # every rank in, or who is missing
+    fabric.launch()  # uses the process group that is up
     try:
         records = Records(run)
         data.ensure_available(cfg.data, env)

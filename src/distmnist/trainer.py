@@ -171,7 +171,7 @@ def train(cfg: Config) -> dict:
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (nothing written)
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
     # from rank 0's choice of checkpoint, as in ddp.py and fabric.py -- a node-local run dir may differ
-    with dist.process_group(env, cfg.dist.timeout_s):
+    with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         found = run.agreed(found)
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)

@@ -86,6 +86,11 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the job after this
+    # every process must reach the process group within this, or each one that came names the missing ones (exit
+    # 69). 180 s: on a real cluster the nodes of one job start seconds to a minute apart (srun/torchrun starting,
+    # `import torch` from a cold shared file system on hundreds of nodes at once), so a shorter default would fail
+    # healthy jobs; far below dist.timeout_s, NCCL's 10 and gloo's 30 minutes.
+    startup_timeout_s: float = 180.0
 
 
 @dataclass
@@ -344,6 +349,7 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.stop_check_every_n_steps", cfg.checkpoint.stop_check_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("data.prepare_timeout_s", cfg.data.prepare_timeout_s)
+    _positive("dist.startup_timeout_s", cfg.dist.startup_timeout_s)
     if cfg.optim.momentum >= 1:
         raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):

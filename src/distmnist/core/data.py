@@ -3,13 +3,15 @@
 Every strategy and both loaders see the same samples in the same order:
 
 * training order: a permutation seeded with ``seed + epoch``, padded and split across ranks exactly as
-  :class:`torch.utils.data.DistributedSampler` does (``shard_indices``);
+  :class:`torch.utils.data.DistributedSampler` does (``shard_indices``) -- or, with ``data.global_batch_size`` G,
+  padded to whole global batches so that optimizer step k takes ``P[kG:(k+1)G]`` at any world size
+  (``step_order``, which also places the micro-batches of gradient accumulation);
 * evaluation: rank r takes test samples r, r+W, r+2W, ... with no padding, so every test image is counted
   exactly once for any world size W.
 
 ``data.loader=resident`` keeps a whole split as one float tensor on the training device: an epoch is one
 gather of the rank's shard, a batch is a slice (no per-sample Python, no host-device copy per step).
-``data.loader=dataloader`` is the classic ``DataLoader`` + ``DistributedSampler`` (+ ``set_epoch``) path.
+``data.loader=dataloader`` is the classic ``DataLoader`` path with a sampler (+ ``set_epoch``) in that order.
 Pixel values are ``uint8 / 255`` as float32 in both (what ``ToTensor`` gives); shapes are (B, 1, 28, 28).
 """
 

@@ -120,7 +120,8 @@ class RunRecords(Callback):
         if trainer.global_step == self.state.global_step:  # a micro-batch that accumulates: no optimizer step yet
             return
         self.state.advance()
-        for key, value in self.records.log_step(self.state.global_step, outputs["loss"], self.lr).items():
+        loss = outputs["loss"] * trainer.accumulate_grad_batches  # Lightning hands on the loss divided by it
+        for key, value in self.records.log_step(self.state.global_step, loss, self.lr).items():
             pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)  # rank 0's bar
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:

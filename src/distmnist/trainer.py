@@ -81,7 +81,7 @@ class MNISTData(L.LightningDataModule):
         self.cfg, self.env = cfg, env
 
     def setup(self, stage: str) -> None:
-        data.ensure_available(self.cfg.data, self.env)  # rank 0 fetches, the others wait
+        data.ensure_available(self.cfg.data, self.env)  # local rank 0 prepares (locked), the others wait
         self.split = data.load_split(self.cfg.data, train=True)
         self.train_batches = data.train_batches(self.cfg, self.env, self.split)
         self.eval_batches = data.eval_batches(self.cfg, self.env)

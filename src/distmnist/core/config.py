@@ -48,7 +48,11 @@ class DataConfig:
     num_workers: int = 2  # only for loader=dataloader
     train_samples: int | None = None  # synthetic: size of the set; real data: use the first N
     test_samples: int | None = None
-    download: bool = True  # torchvision download when the files are missing (rank 0 only)
+    download: bool = True  # torchvision download when the files are missing (one process per data.root)
+    # how long preparing the files (waiting for another process's preparation, copying, downloading) may take
+    # before the run stops saying so; separate from dist.timeout_s. 20 minutes: Fashion-MNIST's 30 MB from a
+    # mirror at 25 kB/s.
+    prepare_timeout_s: float = 1200.0
 
 
 @dataclass
@@ -347,6 +351,7 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.keep", cfg.checkpoint.keep)
     _positive("checkpoint.stop_check_every_n_steps", cfg.checkpoint.stop_check_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
+    _positive("data.prepare_timeout_s", cfg.data.prepare_timeout_s)
     if cfg.optim.momentum >= 1:
         raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):

@@ -23,6 +23,11 @@ class DistMnistError(Exception):
     """A problem the user can fix: bad config, missing data, foreign file. The message says how."""
 
 
+class AgreedError(DistMnistError):
+    """A DistMnistError every rank raises with the same message, after agreeing on it: rank 0 alone prints it
+    (the others exit 2 quietly), so a job reports it once rather than once per rank."""
+
+
 class Stopped(Exception):
     """Training stopped on SIGTERM/SIGUSR1 after every rank wrote its part of a checkpoint."""
 
@@ -69,8 +74,9 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except DistMnistError as err:
-            message = " ".join(str(err).split())
-            print(f"distmnist: error: {message}", file=sys.stderr, flush=True)
+            if not isinstance(err, AgreedError) or process_rank() == 0:
+                message = " ".join(str(err).split())
+                print(f"distmnist: error: {message}", file=sys.stderr, flush=True)
             return USAGE_EXIT
         except RuntimeError as err:  # torch.distributed's errors (DistError and its kin) are RuntimeErrors
             line = collective_failure(err)

@@ -226,3 +226,14 @@ def test_torchrun_elastic_node_loss_survivor_finishes_alone_exactly(reference, t
     assert metrics(run_dir)["world_size"] == 1 and metrics(run_dir)["accumulate_grad_batches"] == 2
     diff = assert_same_run(run_dir, reference)
     print(f"elastic node loss (ddp): 2 -> 1 processes after step {step}, max abs difference {diff:.3g}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_accumulating_2_batches_of_48_equal_two_ranks_of_96(reference, tmp_path, strategy):
+    """Gradient accumulation with two processes: no all-reduce on the first micro-batch (no_sync /
+    fabric.no_backward_sync / the Trainer's own), the loss divided by 2 -- the uninterrupted 2 x 96 run to fp
+    tolerance, with the same steps, sample counts and learning rates."""
+    run_dir = tmp_path / "run"
+    ok(torchrun(f"distmnist.{strategy}", *RUN, "data.batch_size=48", f"run.dir={run_dir}", cwd=tmp_path))
+    assert metrics(run_dir)["accumulate_grad_batches"] == 2
+    print(f"{strategy}: 2 x 48 x accumulate 2 vs 2 x 96 max abs difference {assert_same_run(run_dir, reference):.3g}")

@@ -285,6 +285,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
         (("optim.lr=0.1",), ("optim.lr", "0.05", "0.1")),
         (("model.hidden=[64]",), ("model.hidden",)),
         (("seed=1",), ("seed",)),
+        (("data.batch_size=16",), ("global batch: 32 -> 16",)),  # run.py's check of the global batch
     ],
 )
 def test_other_config_is_refused_and_nothing_is_overwritten(finished, overrides, words, tmp_path):

@@ -11,6 +11,7 @@ and is called by name; ``diff ddp.py fabric.py`` shows only what differs between
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch.nn.functional as F
@@ -40,7 +41,9 @@ def train(cfg: Config) -> dict:
         records = Records(run)
         data.ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        train_batches = data.train_batches(cfg, env, split)
+        accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
 
         model = build_model(cfg.model.hidden, cfg.seed).to(env.device)
@@ -56,7 +59,7 @@ def train(cfg: Config) -> dict:
             with autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            scaler.scale(loss).backward()
+            scaler.scale(loss / accumulate).backward()  # the mean over the step's samples, summed over micro-batches
             return logits, loss
 
         def optimizer_step():
@@ -65,7 +68,8 @@ def train(cfg: Config) -> dict:
 
         tally = TrainTally(env.device)
         # zero_grad, forward_backward, tally, optimizer_step -- eagerly, or replayed from a CUDA graph (one GPU)
-        step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env))
+        no_sync = net.no_sync if env.world_size > 1 else contextlib.nullcontext  # no all-reduce while accumulating
+        step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
         stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from functools import partial
 
 import torch.nn.functional as F
 from lightning.fabric import Fabric
@@ -51,7 +52,9 @@ def train(cfg: Config) -> dict:
         records = Records(run)
         data.ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        train_batches = data.train_batches(cfg, env, split)
+        accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
 
         model = build_model(cfg.model.hidden, cfg.seed)
@@ -64,12 +67,13 @@ def train(cfg: Config) -> dict:
             with fabric.autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            fabric.backward(loss)
+            fabric.backward(loss / accumulate)  # the mean over the step's samples, summed over micro-batches
             return logits, loss
 
         tally = TrainTally(env.device)
         # zero_grad, forward_backward, tally, optimizer.step -- eagerly, or replayed from a CUDA graph (one GPU)
-        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env))
+        no_sync = partial(fabric.no_backward_sync, net)  # no all-reduce while accumulating
+        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
         stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if scaler else {})}
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop

@@ -68,7 +68,7 @@ class NNModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model.parameters())
-        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg.data, self.trainer.world_size)
+        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg, self.trainer.world_size)  # optimizer steps
         scheduler = build_scheduler(self.cfg.optim, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -87,7 +87,9 @@ class MNISTData(L.LightningDataModule):
         self.eval_batches = data.eval_batches(self.cfg, self.env)
 
     def train_dataloader(self):
-        return self.train_batches  # Lightning calls .sampler.set_epoch(epoch) on it each epoch
+        # Lightning calls .sampler.set_epoch(epoch) on it each epoch; with accumulation it gets the micro-batches
+        accumulate = self.trainer.accumulate_grad_batches
+        return data.MicroBatches(self.train_batches, accumulate) if accumulate > 1 else self.train_batches
 
     def val_dataloader(self):
         return self.eval_batches
@@ -115,8 +117,11 @@ class RunRecords(Callback):
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # this step's (the scheduler steps before batch end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.state.global_step:  # a micro-batch that accumulates: no optimizer step yet
+            return
         self.state.advance()
-        for key, value in self.records.log_step(self.state.global_step, outputs["loss"], self.lr).items():
+        loss = outputs["loss"] * trainer.accumulate_grad_batches  # Lightning hands on the loss divided by it
+        for key, value in self.records.log_step(self.state.global_step, loss, self.lr).items():
             pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)  # rank 0's bar
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -134,6 +139,7 @@ class RunCheckpoints(Callback):
 
     def __init__(self, run: RunDir, records: Records, state: TrainState, cadence: CheckpointCadence) -> None:
         self.run, self.records, self.state, self.cadence = run, records, state, cadence
+        self.stepped = 0  # trainer.global_step at the last batch end seen (accumulating batches do not step)
 
     def save(self, trainer: L.Trainer):
         path = self.run.checkpoint_path(trainer.global_step)
@@ -141,7 +147,13 @@ class RunCheckpoints(Callback):
         self.run.prune(trainer.global_step)
         return path
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.stepped = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.stepped:  # accumulating
+            return
+        self.stepped = trainer.global_step
         if self.cadence.due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
             path = self.save(trainer)
             self.cadence.stop_if_signalled(self.state, path)
@@ -158,6 +170,9 @@ class RunCheckpoints(Callback):
     def on_load_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
         """Before Lightning makes the epoch's iterator: the loader starts where the checkpoint left the epoch."""
         self.state.load_state_dict(self.records.resume(ckpt["distmnist"]).state_dict())
+        # Lightning counts micro-batches: a run resumed with another accumulation continues at the same step
+        lightning_internals.recount_batches(ckpt, ckpt["distmnist"].get("accumulate_grad_batches", 1),
+                                            trainer.accumulate_grad_batches)
         trainer.datamodule.train_batches.set_epoch(self.state.epoch)
         trainer.datamodule.train_batches.skip(self.state.step_in_epoch)
         pl_module.tally.restore(self.state.tally, trainer.is_global_zero)
@@ -182,6 +197,7 @@ def train(cfg: Config) -> dict:
             strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
+            accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
             logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
             callbacks=[
                 RunRecords(records, state, fresh=found is None),

@@ -38,7 +38,11 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 class DataConfig:
     name: str = "mnist"
     root: str = "data"
-    batch_size: int = 64  # per process; global batch = batch_size * world_size
+    batch_size: int = 64  # per process (per micro-batch); global batch = batch_size * world size * accumulation
+    # the optimizer's batch over all processes; when set, it holds whatever the number of processes (the accumulation
+    # is derived when not given) and every optimizer step has exactly this many samples: resume on another number of
+    # processes is exact (README, Preemption and elastic resume)
+    global_batch_size: int | None = None
     eval_batch_size: int = 1000
     loader: str = "resident"  # resident: whole split as one tensor on the device; dataloader: classic
     num_workers: int = 2  # only for loader=dataloader
@@ -74,6 +78,8 @@ class TrainConfig:
     progress: bool = True  # progress bar on rank 0
     quiet: bool = False  # no progress bar, no per-epoch lines (--quiet): errors and the final line only
     cuda_graphs: bool = True  # one process on a CUDA device: replay the step from a CUDA graph (Trainer: 32-true)
+    # micro-batches per optimizer step (Lightning's name); null: 1, or derived from data.global_batch_size
+    accumulate_grad_batches: int | None = None
 
 
 @dataclass
@@ -121,8 +127,8 @@ class Config:
 TRAJECTORY_KEYS = (
     "seed",
     "data.name",
-    "data.batch_size",
-    "data.train_samples",
+    "data.global_batch_size",  # the global batch itself is checked by run.py (data.batch_size and the accumulation
+    "data.train_samples",      # may change with the number of processes as long as it holds)
     "model.hidden",
     "optim.name",
     "optim.lr",
@@ -335,6 +341,8 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("train.accelerator", cfg.train.accelerator, ACCELERATORS)
     _positive("data.batch_size", cfg.data.batch_size)
+    _positive("data.global_batch_size", cfg.data.global_batch_size)
+    _positive("train.accumulate_grad_batches", cfg.train.accumulate_grad_batches)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
     _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
     _positive("data.train_samples", cfg.data.train_samples)
@@ -364,6 +372,51 @@ def validate(cfg: Config) -> None:
         raise DistMnistError(
             "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"
         )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How many samples one optimizer step takes, for a given number of processes."""
+
+    batch_size: int  # per process and micro-batch
+    accumulate: int  # micro-batches per optimizer step
+    world_size: int
+    fixed: bool  # data.global_batch_size is set: the epoch is padded to whole global batches
+
+    @property
+    def step_batch(self) -> int:
+        """Samples of one process in one optimizer step."""
+        return self.batch_size * self.accumulate
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulate * self.world_size
+
+
+def batching(cfg: Config, world_size: int) -> Batching:
+    """data.batch_size x world size x train.accumulate_grad_batches = data.global_batch_size (when set), the
+    accumulation derived when not given; one line saying what to change when it cannot hold."""
+    b, acc, g = cfg.data.batch_size, cfg.train.accumulate_grad_batches, cfg.data.global_batch_size
+    if g is None:
+        return Batching(b, acc or 1, world_size, fixed=False)
+    if g % world_size:
+        fits = [w for w in range(1, min(g, 64) + 1) if g % w == 0]
+        raise DistMnistError(
+            f"data.global_batch_size={g} cannot be split over {world_size} processes: run with a number of processes "
+            f"that divides it ({', '.join(map(str, fits))}), or choose a new run.dir with another global batch"
+        )
+    per_process = g // world_size
+    if acc is None and per_process % b == 0:
+        return Batching(b, per_process // b, world_size, fixed=True)
+    if acc is not None and b * acc == per_process:
+        return Batching(b, acc, world_size, fixed=True)
+    sizes = [d for d in range(1, per_process + 1) if per_process % d == 0 and d <= b] or [per_process]
+    hint = sizes[-1]
+    raise DistMnistError(
+        f"data.global_batch_size={g} with {world_size} processes needs data.batch_size x "
+        f"train.accumulate_grad_batches = {per_process}, got {b} x {acc if acc is not None else '(derived)'}: "
+        f"use data.batch_size={hint} train.accumulate_grad_batches={per_process // hint} (or null)"
+    )
 
 
 def flat_dict(cfg: Config) -> dict[str, Any]:

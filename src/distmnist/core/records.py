@@ -23,6 +23,7 @@ from distmnist.core.state import TrainState
 class Records:
     def __init__(self, run: RunDir) -> None:
         self.run, self.cfg, self.env, self.strategy = run, run.cfg, run.env, run.strategy
+        self.batching = run.batching
         self.tb = tblog.TBLog(None)
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds of earlier runs of this run dir (resume)
@@ -62,6 +63,7 @@ class Records:
         """Just before the first training step: wall_s (records, time to accuracy) counts from here, not from
         the process start (imports, data loading, process group and Lightning setup are left out)."""
         self.started = time.perf_counter()
+        state.global_batch = self.batching.global_batch  # the same as the checkpoint's (run.py checks)
         self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
         if state.epoch >= self.cfg.train.epochs:
             self.say(f"{self.run.path} already holds {state.epoch} epochs; raise train.epochs to train more",
@@ -111,7 +113,7 @@ class Records:
         now = time.perf_counter()
         last_time, last_step = self._last_log
         self._last_log = (now, global_step)
-        rate = (global_step - last_step) * self.cfg.data.batch_size * self.env.world_size / max(now - last_time, 1e-9)
+        rate = (global_step - last_step) * self.batching.global_batch / max(now - last_time, 1e-9)
         if self.bar is not None:
             self.bar.set_postfix(step=global_step, loss=f"{value:.4f}", **{"samples/s": f"{rate:,.0f}"}, refresh=False)
         return {"loss": value, "samples/s": rate}
@@ -158,7 +160,8 @@ class Records:
             "dataset": self.cfg.data.name,
             "loader": self.cfg.data.loader,
             "batch_size": self.cfg.data.batch_size,
-            "global_batch_size": self.cfg.data.batch_size * self.env.world_size,
+            "accumulate_grad_batches": self.batching.accumulate,
+            "global_batch_size": self.batching.global_batch,
             "epochs": len(self.history),
             "global_step": global_step,
             "val_acc": last.get("val_acc"),

@@ -103,6 +103,7 @@ class RunDir:
         return {
             "format": checkpoint.FORMAT,
             "strategy": self.strategy,
+            "parallel": self.cfg.train.parallel,
             "world_size": self.env.world_size,
             "trajectory": config.trajectory(self.cfg),
             "history": list(history),
@@ -117,6 +118,13 @@ class RunDir:
             raise DistMnistError(
                 f"{path} was written by the {meta.get('strategy')} strategy; use another run.dir for "
                 f"{self.strategy}"
+            )
+        theirs_parallel = meta.get("parallel", "ddp")  # checkpoints from before train.parallel are DDP's
+        if theirs_parallel != self.cfg.train.parallel:
+            raise DistMnistError(
+                f"run.dir {self.path} holds train.parallel={theirs_parallel} checkpoints ({path.name}) and this run "
+                f"has train.parallel={self.cfg.train.parallel}; resume it with train.parallel={theirs_parallel} or "
+                f"choose a new run.dir"
             )
         mine = config.trajectory(self.cfg)
         theirs = meta.get("trajectory", {})

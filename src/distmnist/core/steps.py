@@ -30,8 +30,9 @@ WARMUP_STEPS = 3
 
 
 def capture_applies(cfg: Config, env: DistEnv) -> bool:
-    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process."""
-    return cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1
+    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process, DDP (FSDP's
+    all-gathers and its hooks are not captured)."""
+    return cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1 and cfg.train.parallel == "ddp"
 
 
 def parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

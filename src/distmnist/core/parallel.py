@@ -95,19 +95,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+def param_bytes(model: nn.Module) -> int:
+    """This rank's bytes of parameters (as sharded for training: call it outside :func:`gathered`)."""
+    return sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+
+
+def state_mb(param_bytes: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """What this rank holds of the training state, in MB (2**20 bytes): parameters, gradients (one per parameter,
-    the parameter's size and dtype, whether or not it is allocated right now) and optimizer state. DDP's gradient
+    of the parameter's size and dtype, whether or not allocated right now) and the optimizer state. DDP's gradient
     buckets (a second copy of the gradients during a step) are not counted."""
-    params = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
-    grads = sum(local(p).numel() * local(p).element_size() for p in model.parameters() if p.requires_grad)
     optim = sum(
         local(v).numel() * local(v).element_size()
         for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)
     )
     mb = 2.0**20
-    return {"param_mb": params / mb, "grad_mb": grads / mb, "optim_mb": optim / mb,
-            "state_mb": (params + grads + optim) / mb}
+    return {"param_mb": param_bytes / mb, "grad_mb": param_bytes / mb, "optim_mb": optim / mb,
+            "state_mb": (2 * param_bytes + optim) / mb}
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,7 +30,7 @@ class Records:
         self.epoch_started = self.started
         self._last_log = (self.started, 0)
         self.bar: tqdm | None = None
-        self.watched: tuple[torch.nn.Module, torch.optim.Optimizer] | None = None
+        self.watched: tuple[int, torch.optim.Optimizer] | None = None
 
     def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
         """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
@@ -60,8 +60,9 @@ class Records:
 
     def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """The model and optimizer whose per-rank memory (parameters + gradients + optimizer state) each epoch's
-        record reports (core.parallel.state_bytes): what FSDP saves over DDP."""
-        self.watched = (model, optimizer)
+        record reports (core.parallel.state_mb): what FSDP saves over DDP. The parameters are counted now, while
+        sharded (an evaluation gathers them)."""
+        self.watched = (parallel.param_bytes(model), optimizer)
 
     # ------------------------------------------------------------------------------------------ clock
     def begin_training(self, state: TrainState) -> None:
@@ -137,7 +138,7 @@ class Records:
             "wall_s": self.elapsed(),
         }
         if self.watched is not None:
-            record.update(parallel.state_bytes(*self.watched))  # this rank's (rank 0's in the record)
+            record.update(parallel.state_mb(*self.watched))  # this rank's (rank 0's in the record)
         if self.env.device.type == "cuda":
             record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
         self.history.append(record)

@@ -18,21 +18,29 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
+from procs import child_env, ok, same_weights, torchrun, torchrun_cmd, weights
 
 from distmnist.core import checkpoint
+from distmnist.core.config import load_config
+from distmnist.core.dist import DistEnv
 from distmnist.core.errors import DistMnistError
+from distmnist.core.run import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 STRATEGIES = ("ddp", "fabric", "trainer")
-SMOKE = ("-c", "smoke", "dist.timeout_s=60")
 FSDP = "train.parallel=fsdp"
+
+
+# 4096 samples: 64 steps per epoch on 2 ranks (43 on 3); a checkpoint every 20 steps gives the fault tests a
+# moment to strike mid-epoch
+RUN = ("-c", "smoke", "data.train_samples=4096", "checkpoint.every_n_steps=20", "dist.timeout_s=30")
+STEPS_PER_EPOCH = 64
 
 
 def train(tmp: Path, strategy: str, name: str, *overrides: str, nproc: int = 2) -> Path:
     run_dir = tmp / name
-    ok(torchrun(f"distmnist.{strategy}", *SMOKE, f"run.dir={run_dir}", *overrides, nproc=nproc, cwd=tmp))
+    ok(torchrun(f"distmnist.{strategy}", *RUN, f"run.dir={run_dir}", *overrides, nproc=nproc, cwd=tmp))
     return run_dir
 
 
@@ -45,16 +53,29 @@ def max_abs(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
-def runs(request, tmp_path_factory) -> dict[str, Path]:
+def parity_runs(tmp: Path, nproc: int) -> dict[str, Path]:
     """Raw PyTorch DDP (the three strategies' DDP runs are bit-identical: test_distributed) and each strategy's
-    FSDP run, on 2 and on 3 ranks (3: the 128-row shards are uneven, 43/43/42)."""
-    nproc = request.param
-    tmp = tmp_path_factory.mktemp(f"fsdp{nproc}")
+    FSDP run."""
     out = {"ddp-ddp": train(tmp, "ddp", "ddp-ddp", nproc=nproc)}
     for s in STRATEGIES:
         out[s] = train(tmp, s, s, FSDP, nproc=nproc)
     return out
+
+
+@pytest.fixture(scope="module")
+def runs2(tmp_path_factory) -> dict[str, Path]:
+    return parity_runs(tmp_path_factory.mktemp("fsdp2"), 2)
+
+
+@pytest.fixture(scope="module")
+def runs3(tmp_path_factory) -> dict[str, Path]:
+    """3 ranks: the 128-row shards are uneven (43/43/42)."""
+    return parity_runs(tmp_path_factory.mktemp("fsdp3"), 3)
+
+
+@pytest.fixture(params=[2, 3], ids=["2-ranks", "3-ranks"])
+def runs(request) -> dict[str, Path]:
+    return request.getfixturevalue(f"runs{request.param}")
 
 
 def test_fsdp_model_pt_equals_ddp(runs):
@@ -106,53 +127,52 @@ def test_sharded_checkpoints_one_folder_per_step_each_rank_a_shard(runs):
     assert all(p.is_file() for p in checkpoint.listing(runs["ddp-ddp"] / "checkpoints"))
 
 
-def test_evaluate_reads_an_fsdp_model_pt(runs, tmp_path):
+def test_evaluate_reads_an_fsdp_model_pt(runs2, tmp_path):
     """model.pt is the full NNModel state_dict (gathered once at the end): the evaluate tool gets the run's numbers."""
-    ok(run_module("distmnist.evaluate", "--model", str(runs["trainer"] / "model.pt"), "-c", "smoke",
-                  "--out", str(tmp_path / "eval.json"), cwd=tmp_path))
-    result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["val_acc"] == metrics(runs["trainer"])["val_acc"]
-    assert result["val_loss"] == pytest.approx(metrics(runs["trainer"])["val_loss"], rel=1e-6)
+    from distmnist.tools.evaluate import evaluate_model
+
+    result = evaluate_model(runs2["trainer"] / "model.pt", load_config("smoke", []), tmp_path / "eval.json")
+    assert result["val_acc"] == metrics(runs2["trainer"])["val_acc"]
+    assert result["val_loss"] == pytest.approx(metrics(runs2["trainer"])["val_loss"], rel=1e-6)
 
 
-def test_ddp_and_fsdp_run_dirs_refuse_each_others_checkpoints(runs, tmp_path):
-    for run_dir, parallel in ((runs["ddp"], "ddp"), (runs["ddp-ddp"], "fsdp")):
-        copy = tmp_path / f"{parallel}-{run_dir.name}"
-        shutil.copytree(run_dir, copy)
-        proc = run_module("distmnist.ddp", *SMOKE, f"run.dir={copy}", f"train.parallel={parallel}",
-                          "train.epochs=3", cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert len(lines) == 1 and "train.parallel=" in lines[0] and "choose a new run.dir" in lines[0], lines
+def prepare(run_dir: Path, *overrides: str) -> Path | None:
+    """What every rank of a 2-process job decides before training: which checkpoint resumes `run_dir`."""
+    cfg = load_config("smoke", [*RUN[2:], f"run.dir={run_dir}", *overrides])
+    return RunDir(cfg, "ddp", DistEnv(world_size=2)).prepare()
 
 
-# ------------------------------------------------------------------------------ damaged checkpoints
+def test_ddp_and_fsdp_run_dirs_refuse_each_others_checkpoints(runs2, tmp_path):
+    for run_dir, parallel in ((runs2["ddp"], "ddp"), (runs2["ddp-ddp"], "fsdp")):
+        with pytest.raises(DistMnistError) as err:
+            prepare(run_dir, f"train.parallel={parallel}")
+        line = str(err.value)
+        assert "\n" not in line and f"this run has train.parallel={parallel}" in line and "new run.dir" in line
+    assert prepare(runs2["ddp"], FSDP) == checkpoint.listing(runs2["ddp"] / "checkpoints")[0]  # its own: fine
+
+
 @pytest.mark.parametrize("damage", ["truncate-shard", "no-metadata", "no-meta-pt"])
-def test_damaged_sharded_checkpoint_is_skipped_with_one_warning(runs, tmp_path, damage):
-    """The newest checkpoint damaged: one warning line, the run resumes from the previous one (the end of epoch 1)
-    and trains epoch 2 again to the same weights."""
-    if metrics(runs["ddp"])["world_size"] != 2:
-        pytest.skip("one world size is enough")
+def test_damaged_sharded_checkpoint_is_skipped_with_one_warning(runs2, tmp_path, capfd, damage):
+    """The newest checkpoint damaged: one warning line, the previous one resumes the run (resuming from a sharded
+    checkpoint is what the fault tests below do)."""
     run_dir = tmp_path / "run"
-    shutil.copytree(runs["ddp"], run_dir)
+    shutil.copytree(runs2["ddp"], run_dir)
     newest, previous = checkpoint.listing(run_dir / "checkpoints")
     if damage == "truncate-shard":
         shard = newest / "__1_0.distcp"
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     else:
         (newest / (".metadata" if damage == "no-metadata" else "meta.pt")).unlink()
-    proc = ok(torchrun("distmnist.ddp", *SMOKE, f"run.dir={run_dir}", FSDP, cwd=tmp_path))
-    warnings = [ln for ln in proc.stderr.splitlines() if ln.startswith("distmnist: warning")]
-    assert len(warnings) == 1 and newest.name in warnings[0] and "damaged" in warnings[0], proc.stderr[-3000:]
-    assert f"resuming from {previous}" in proc.stdout
-    assert same_weights(weights(run_dir), weights(runs["ddp"]))
+    capfd.readouterr()
+    assert prepare(run_dir, FSDP) == previous
+    warnings = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
+    assert len(warnings) == 1 and warnings[0].startswith("distmnist: warning") and newest.name in warnings[0]
+    assert "damaged" in warnings[0] and "using an older checkpoint" in warnings[0], warnings
 
 
-def test_dcp_metadata_that_pickles_code_is_refused_unread(runs, tmp_path):
-    if metrics(runs["ddp"])["world_size"] != 2:
-        pytest.skip("one world size is enough")
+def test_dcp_metadata_that_pickles_code_is_refused_unread(runs2, tmp_path):
     ckpt = tmp_path / "step=00000001.ckpt"
-    shutil.copytree(checkpoint.listing(runs["ddp"] / "checkpoints")[0], ckpt)
+    shutil.copytree(checkpoint.listing(runs2["ddp"] / "checkpoints")[0], ckpt)
     marker = tmp_path / "ran"
 
     class Code:
@@ -166,24 +186,10 @@ def test_dcp_metadata_that_pickles_code_is_refused_unread(runs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- faults
-# 2 ranks x 32: 94 steps per epoch; a checkpoint every 20 steps gives the test a moment to strike mid-epoch
-FAULT = ("-c", "smoke", "data.train_samples=6000", "train.epochs=2", "checkpoint.every_n_steps=20",
-         "dist.timeout_s=30", FSDP)
-STEPS_PER_EPOCH = 94
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted FSDP run (raw PyTorch; the three strategies' FSDP runs are bit-identical, above)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    ok(torchrun("distmnist.ddp", *FAULT, f"run.dir={tmp / 'run'}", cwd=tmp))
-    return tmp / "run"
-
-
 def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = ()) -> subprocess.Popen:
     log = open(tmp / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra),
+        torchrun_cmd(f"distmnist.{strategy}", *RUN, FSDP, f"run.dir={run_dir}", extra=extra),
         cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -225,17 +231,39 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
         assert mine["train_acc"] == theirs["train_acc"]
 
 
+def wait_for_restart(log: Path, timeout: float = 180) -> int:
+    """The step the restarted workers resumed from."""
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"resuming from \S*step=(\d+)\.ckpt", log.read_text())):
+        assert time.monotonic() < deadline, "torchrun did not restart the workers"
+        time.sleep(0.05)
+    return int(found.group(1))
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sigterm_mid_epoch_exit_75_then_resume_is_bit_identical(reference, tmp_path, strategy):
+def test_kill_9_then_sigterm_mid_epoch_resume_bit_identical(runs2, tmp_path, strategy):
+    """One job, two faults: kill -9 of rank 1 under `torchrun --max-restarts=1` (torchrun restarts both workers,
+    they resume from the newest sharded checkpoint); then SIGTERM to rank 1 of the restarted job mid-epoch (the
+    ranks agree on a step, write a checkpoint, exit 75; no restart is left); the same command finishes the run.
+    Its model.pt and numbers equal the uninterrupted FSDP run's bit for bit."""
     run_dir = tmp_path / "run"
-    proc = start(tmp_path, strategy, run_dir)
+    log = tmp_path / "run.log"
+    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
     try:
         wait_for_checkpoint(proc, run_dir)
+        os.kill(worker_pids(proc)[1], signal.SIGKILL)
+        resumed = wait_for_restart(log)
+        deadline = time.monotonic() + 120
+        # the restarted job's own first checkpoint: its stop handler is installed by then
+        while checkpoint.step_of(checkpoint.listing(run_dir / "checkpoints")[0]) <= resumed:
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.02)
         os.kill(worker_pids(proc)[1], signal.SIGTERM)  # one rank only: the ranks agree on the step
         proc.wait(timeout=120)
     finally:
         proc.kill()
-    out = (tmp_path / "run.log").read_text()
+    out = log.read_text()
+    assert re.search(rf"resuming from {re.escape(str(run_dir))}/checkpoints/step=\d+\.ckpt", out), out[-3000:]
     assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == 2, out[-3000:]
     stopped = re.findall(r"distmnist: stopped by SIGTERM at step (\d+)", out)
     assert len(stopped) == 1, out[-3000:]
@@ -246,29 +274,13 @@ def test_sigterm_mid_epoch_exit_75_then_resume_is_bit_identical(reference, tmp_p
     assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
     assert not (run_dir / "model.pt").exists()
 
-    again = ok(torchrun(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
+    again = ok(torchrun(f"distmnist.{strategy}", *RUN, FSDP, f"run.dir={run_dir}", cwd=tmp_path))
     assert "resuming from" in again.stdout
-    assert_same_run(run_dir, reference)
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_kill_9_of_rank_1_restarts_from_the_sharded_checkpoint(reference, tmp_path, strategy):
-    run_dir = tmp_path / "run"
-    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
-    try:
-        wait_for_checkpoint(proc, run_dir)
-        os.kill(worker_pids(proc)[1], signal.SIGKILL)
-        proc.wait(timeout=300)
-    finally:
-        proc.kill()
-    out = (tmp_path / "run.log").read_text()
-    assert proc.returncode == 0, out[-4000:]
-    assert "resuming from" in out
-    assert_same_run(run_dir, reference)
+    assert_same_run(run_dir, runs2["ddp"])
 
 
 # ------------------------------------------------------------------------------------------- memory
-MEMORY = ("model.hidden=[2048,2048]", "optim.name=adam", "optim.lr=0.001", "data.train_samples=256",
+MEMORY = ("checkpoint.every_n_steps=0", "model.hidden=[2048,2048]", "optim.name=adam", "optim.lr=0.001", "data.train_samples=256",
           "data.test_samples=64", "train.epochs=1")
 
 

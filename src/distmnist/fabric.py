@@ -4,8 +4,9 @@
     python -m distmnist.fabric ...          # one process
 
 The same lifecycle as ``ddp.py``, line for line, in Fabric's API: ``Fabric(accelerator, strategy, devices,
-num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup(model, optimizer)``, ``fabric.autocast()`` +
-``fabric.backward(loss)``, ``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
+num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup_module(model)`` then ``fabric.setup_optimizers``
+(the model first: FSDP shards it, the optimizer takes the shards), ``fabric.autocast()`` + ``fabric.backward(loss)``,
+``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def train(cfg: Config) -> dict:
             state.tally = tally.state()  # a collective: every rank is here at the same step
             cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
-            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes, all wait
+            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes (FSDP: each rank its shards), all wait
             run.prune(state.global_step)
             return path
 

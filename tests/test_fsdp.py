@@ -292,3 +292,8 @@ def test_fsdp_holds_about_half_of_ddp_per_rank_with_adam_2048(tmp_path):
     print(f"state per rank: ddp {ddp['state_mb']:.1f} MB, fsdp {fsdp['state_mb']:.1f} MB, ratio {ratio:.3f}")
     assert ddp["state_mb"] == pytest.approx(4 * ddp["param_mb"], rel=1e-3)  # Adam: exp_avg, exp_avg_sq (+ steps)
     assert ratio <= 0.55
+
+
+def test_fsdp_with_16_mixed_is_refused_in_one_line():
+    with pytest.raises(DistMnistError, match=r"train.parallel=fsdp does not support train.precision=16-mixed"):
+        load_config("smoke", [FSDP, "train.precision=16-mixed", "train.accelerator=cuda"])

@@ -203,14 +203,15 @@ def save_state(path: str | Path, state: dict[str, Any], is_zero: bool = True) ->
     dist.barrier()
 
 
-def load_state(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Like ``fabric.load``: restore the stateful objects of `state` in place from the checkpoint at `path`
-    (single file, or sharded: every rank reads its shards), return the other entries."""
-    if Path(path).is_dir():
-        obj = load_sharded(path, sharded_state_dicts({k: v for k, v in state.items() if _is_model_or_optimizer(v)}))
+def load_state(source: str | Path | dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """Like ``fabric.load``: restore the stateful objects of `state` in place from `source` -- a checkpoint
+    :func:`read` already, or the path of one (a single file, or a sharded folder: every rank reads its shards) --
+    and return the other entries."""
+    if not isinstance(source, dict) and Path(source).is_dir():
+        obj = load_sharded(source, sharded_state_dicts({k: v for k, v in state.items() if _is_model_or_optimizer(v)}))
         restore_sharded(obj, state)
     else:
-        obj = read(path)
+        obj = source if isinstance(source, dict) else read(source)
         for key, target in state.items():
             if _is_model_or_optimizer(target) and key in obj:
                 target.load_state_dict(obj[key])

@@ -7,6 +7,7 @@
 #   launch/single_node.sh --strategy fabric -- -c fashion optim.lr=0.1
 #   launch/single_node.sh --nproc 4 -- -c smoke run.dir=runs/smoke4
 #   CUDA_VISIBLE_DEVICES=2,3 launch/single_node.sh --strategy trainer -- -c fashion
+#   launch/single_node.sh --strategy fabric -- -c fashion train.parallel=fsdp   # sharded (FSDP2), not DDP
 #
 # --strategy  ddp (default), trainer or fabric: `python -m distmnist.<strategy>` under torchrun
 # --nproc     processes; default: the number of visible GPUs (CUDA_VISIBLE_DEVICES if set, else

@@ -23,6 +23,7 @@
 #   sbatch --ntasks-per-node=4 slurm/train.sh --strategy trainer -c fashion   # Lightning Trainer, 1 task per GPU
 #   DISTMNIST_STRATEGY=fabric sbatch slurm/train.sh -c fashion          # strategy from the environment
 #   sbatch --gpus-per-node=0 slurm/train.sh -c fashion                  # CPU only, 2 gloo processes per node
+#   sbatch slurm/train.sh -c fashion train.parallel=fsdp                # sharded (FSDP2); run.dir on a shared FS
 #
 # Activate the Python environment that has distmnist before sbatch: the job inherits it. Submit from where the
 # run directories should go: the job works in the submission directory.

@@ -4,8 +4,9 @@
     python -m distmnist.fabric ...          # one process
 
 The same lifecycle as ``ddp.py``, line for line, in Fabric's API: ``Fabric(accelerator, strategy, devices,
-num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup(model, optimizer)``, ``fabric.autocast()`` +
-``fabric.backward(loss)``, ``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
+num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup_module(model)`` then ``fabric.setup_optimizers``
+(the model first: FSDP shards it, the optimizer takes the shards), ``fabric.autocast()`` + ``fabric.backward(loss)``,
+``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from functools import partial
 
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist.core import checkpoint, data, dist
+from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
@@ -38,13 +39,21 @@ def train(cfg: Config) -> dict:
     check_precision(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
+    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto"
+    plugins = [checkpoint.checkpoint_io(), dist.lightning_environment(env)]
+    if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
+        strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
+            parallelize_fn=parallel.lightning_parallelize(cfg.train.precision),
+            data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s),
+        )
+        plugins = [dist.lightning_environment(env)]  # it takes no CheckpointIO: checkpoints are DCP folders
     fabric = Fabric(
         accelerator=env.device.type,
         devices=env.local_world_size,
         num_nodes=env.num_nodes,
-        strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
+        strategy=strategy,
         precision=cfg.train.precision,
-        plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
+        plugins=plugins,
     )
     dist.init_process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s)  # every rank in, or who is missing
     fabric.launch()  # uses the process group that is up
@@ -58,9 +67,10 @@ def train(cfg: Config) -> dict:
         eval_batches = data.eval_batches(cfg, env)
 
         model = build_model(cfg.model.hidden, cfg.seed)
-        optimizer = build_optimizer(cfg.optim, model.parameters())
+        net = fabric.setup_module(model)  # moves `model` to the device, wraps it in DDP (or shards it in place: FSDP)
+        optimizer = build_optimizer(cfg.optim, model.parameters())  # FSDP: over this rank's shards
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
-        net, optimizer = fabric.setup(model, optimizer)  # moves `model` to the device, wraps it in DDP
+        optimizer = fabric.setup_optimizers(optimizer)
         scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the precision plugin's GradScaler
 
         def forward_backward(x, y):
@@ -82,7 +92,7 @@ def train(cfg: Config) -> dict:
             state.tally = tally.state()  # a collective: every rank is here at the same step
             cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
-            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes, all wait
+            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes (FSDP: each rank its shards), all wait
             run.prune(state.global_step)
             return path
 
@@ -93,6 +103,7 @@ def train(cfg: Config) -> dict:
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
         tally.restore(state.tally, env.is_zero)
         records.start(split, fresh=path is None)
+        records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
         cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75

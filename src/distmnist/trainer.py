@@ -20,10 +20,10 @@ from datetime import timedelta
 import lightning as L
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from distmnist import lightning_internals
-from distmnist.core import checkpoint, data, dist
+from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
@@ -52,6 +52,12 @@ class NNModule(L.LightningModule):
         self.tally = TrainTally(self.device)  # running sums of the epoch's loss/accuracy, no host sync per step
         self.val_metrics.keep_wrong = 32 if self.global_rank == 0 else 0  # misclassified images for TensorBoard
 
+    def configure_model(self) -> None:
+        """train.parallel=fsdp: ModelParallelStrategy hands over its device mesh; the shard layout of core.parallel
+        (FSDP2 on each Linear, then the root). With DDP there is no mesh and nothing to do."""
+        if self.device_mesh is not None:
+            parallel.lightning_parallelize(self.cfg.train.precision)(self.model, self.device_mesh)
+
     def forward(self, x):
         return self.model(x)
 
@@ -62,9 +68,16 @@ class NNModule(L.LightningModule):
         self.tally.update(logits, y, loss)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.whole = parallel.gathered(self.model)  # FSDP: weights gathered once, not per batch (batch counts differ)
+        self.whole.__enter__()
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.val_metrics.update(self.model(x), y, x)
+
+    def on_validation_epoch_end(self) -> None:
+        self.whole.__exit__(None, None, None)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model.parameters())
@@ -107,6 +120,7 @@ class RunRecords(Callback):
         self.records.start(trainer.datamodule.split, writer, fresh=self.fresh)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.records.watch(pl_module.model, trainer.optimizers[0])  # per-rank memory of the training state
         self.records.begin_training(self.state)
         self.records.begin_epoch(self.state)  # a mid-epoch resume continues the epoch's clock
 
@@ -190,11 +204,16 @@ def train(cfg: Config) -> dict:
         found = run.agreed(found)
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)
+        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto"
+        if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
+            strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
+                data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)
+            )
         trainer = L.Trainer(
             accelerator=env.device.type,
             devices=env.local_world_size,
             num_nodes=env.num_nodes,
-            strategy=DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto",
+            strategy=strategy,
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
             accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches

@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
+PARALLEL = ("ddp", "fsdp")
 
 # The shipped configs of the checkout this file is in (<repo>/src/distmnist/core/config.py -> <repo>/configs).
 # Installed, they are the package distmnist.configs (see resolve_path).
@@ -73,6 +74,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     precision: str = "32-true"
+    parallel: str = "ddp"  # ddp: the whole model on every rank; fsdp: parameters, gradients, optimizer state sharded
     accelerator: str = "auto"
     log_every_n_steps: int = 50
     progress: bool = True  # progress bar on rank 0
@@ -340,6 +342,7 @@ def validate(cfg: Config) -> None:
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("train.accelerator", cfg.train.accelerator, ACCELERATORS)
+    _choice("train.parallel", cfg.train.parallel, PARALLEL)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.global_batch_size", cfg.data.global_batch_size)
     _positive("train.accumulate_grad_batches", cfg.train.accumulate_grad_batches)
@@ -371,6 +374,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.precision == "16-mixed" and cfg.train.accelerator == "cpu":
         raise DistMnistError(
             "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"
+        )
+    if cfg.train.parallel == "fsdp" and cfg.train.precision == "16-mixed":
+        raise DistMnistError(
+            "train.parallel=fsdp does not support train.precision=16-mixed (a gradient scaler over sharded "
+            "gradients); use bf16-mixed or 32-true"
         )
 
 

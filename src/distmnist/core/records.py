@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distmnist.core import checkpoint, config, tblog
+from distmnist.core import checkpoint, config, parallel, tblog
 from distmnist.core.data import CLASS_NAMES
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
@@ -31,6 +31,7 @@ class Records:
         self.epoch_started = self.started
         self._last_log = (self.started, 0)
         self.bar: tqdm | None = None
+        self.watched: tuple[int, torch.optim.Optimizer] | None = None
 
     def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
         """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
@@ -57,6 +58,12 @@ class Records:
         state.elapsed_s = self.elapsed()
         state.epoch_train_s = self.epoch_seconds() if state.step_in_epoch else 0.0
         return self.run.meta(state, self.history)
+
+    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The model and optimizer whose per-rank memory (parameters + gradients + optimizer state) each epoch's
+        record reports (core.parallel.state_mb): what FSDP saves over DDP. The parameters are counted now, while
+        sharded (an evaluation gathers them)."""
+        self.watched = (parallel.param_bytes(model), optimizer)
 
     # ------------------------------------------------------------------------------------------ clock
     def begin_training(self, state: TrainState) -> None:
@@ -132,6 +139,8 @@ class Records:
             "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
             "wall_s": self.elapsed(),
         }
+        if self.watched is not None:
+            record.update(parallel.state_mb(*self.watched))  # this rank's (rank 0's in the record)
         if self.env.device.type == "cuda":
             record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
         self.history.append(record)
@@ -142,7 +151,8 @@ class Records:
                 f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
                 f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
                 f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
-                f"{train_s:.2f} s"
+                f"{train_s:.2f} s" + (f" state {record['state_mb']:.2f} MB/rank" if "state_mb" in record else "")
+                + (f" peak {record['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in record else "")
             )
         return record
 
@@ -157,6 +167,7 @@ class Records:
             "num_nodes": self.env.num_nodes,
             "device": self.env.device.type,
             "precision": self.cfg.train.precision,
+            "parallel": self.cfg.train.parallel,
             "dataset": self.cfg.data.name,
             "loader": self.cfg.data.loader,
             "batch_size": self.cfg.data.batch_size,
@@ -170,6 +181,7 @@ class Records:
             "train_loss": last.get("train_loss"),
             "train_acc": last.get("train_acc"),
             "train_samples_per_sec": samples / train_s if train_s > 0 else None,
+            **{k: last[k] for k in ("param_mb", "grad_mb", "optim_mb", "state_mb", "peak_mem_mb") if k in last},
             "wall_s": self.elapsed(),
             "status": "done",
             "history": self.history,
@@ -185,8 +197,8 @@ class Records:
     def finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
         """model.pt and metrics.json, written by rank 0."""
         summary = self.summary(state.global_step)
+        weights = parallel.full_state_dict(model)  # FSDP: gathered once, here (a collective), onto rank 0
         if self.env.is_zero:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             checkpoint.atomic_torch_save(weights, self.run.model_pt)
             checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
             self.say(

@@ -106,6 +106,7 @@ class RunDir:
         return {
             "format": checkpoint.FORMAT,
             "strategy": self.strategy,
+            "parallel": self.cfg.train.parallel,
             "world_size": self.env.world_size,
             "batch_size": self.batching.batch_size,
             "accumulate_grad_batches": self.batching.accumulate,
@@ -123,6 +124,13 @@ class RunDir:
             raise DistMnistError(
                 f"{path} was written by the {meta.get('strategy')} strategy; use another run.dir for "
                 f"{self.strategy}"
+            )
+        theirs_parallel = meta.get("parallel", "ddp")  # checkpoints from before train.parallel are DDP's
+        if theirs_parallel != self.cfg.train.parallel:
+            raise DistMnistError(
+                f"run.dir {self.path} holds train.parallel={theirs_parallel} checkpoints ({path.name}) and this run "
+                f"has train.parallel={self.cfg.train.parallel}; resume it with train.parallel={theirs_parallel} or "
+                f"choose a new run.dir"
             )
         mine = config.trajectory(self.cfg)
         theirs = meta.get("trajectory", {})

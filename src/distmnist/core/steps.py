@@ -35,10 +35,13 @@ WARMUP_STEPS = 3
 
 
 def capture_applies(cfg: Config, env: DistEnv) -> bool:
-    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process, no
-    gradient accumulation."""
+    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process, DDP (FSDP's
+    all-gathers and its hooks are not captured), no gradient accumulation."""
     one_batch = batching(cfg, env.world_size).accumulate == 1
-    return cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1 and one_batch
+    return (
+        cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1 and cfg.train.parallel == "ddp"
+        and one_batch
+    )
 
 
 def parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

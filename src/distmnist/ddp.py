@@ -11,7 +11,6 @@ and is called by name; ``diff ddp.py fabric.py`` shows only what differs between
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import torch.nn.functional as F
@@ -70,7 +69,7 @@ def train(cfg: Config) -> dict:
 
         tally = TrainTally(env.device)
         # zero_grad, forward_backward, tally, optimizer_step -- eagerly, or replayed from a CUDA graph (one GPU)
-        no_sync = net.no_sync if env.world_size > 1 else contextlib.nullcontext  # no all-reduce while accumulating
+        no_sync = parallel.no_sync(net)  # no all-reduce (DDP) / reduce-scatter (FSDP) while accumulating
         step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
         stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 

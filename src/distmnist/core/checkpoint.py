@@ -468,6 +468,15 @@ def sharded_strategy(strategy_class: type) -> type:
                                  enumerate(obj["optimizer_states"])}}, state)
                 return obj
 
+            @contextmanager
+            def block_backward_sync(self):
+                """Accumulating micro-steps skip FSDP2's reduce-scatter, as in ddp.py and fabric.py (Lightning 2.6's
+                ``ParallelStrategy.block_backward_sync`` knows only DDP's ``no_sync``)."""
+                from distmnist.core import parallel
+
+                with parallel.no_sync(self.model)():
+                    yield
+
         return TrainerShardedStrategy
 
     class FabricShardedStrategy(strategy_class):  # Fabric's: like fabric.save / fabric.load

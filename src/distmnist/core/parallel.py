@@ -16,7 +16,8 @@ loss in float32). ``16-mixed`` (float16 + a gradient scaler over sharded gradien
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as tdist
@@ -71,6 +72,27 @@ def _fsdp_modules(model: nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def no_sync(net: nn.Module):
+    """The context of an accumulating micro-step: no gradient all-reduce (DDP's ``no_sync``) or reduce-scatter
+    (FSDP2's ``set_requires_gradient_sync(False)`` on every FSDP unit, as Fabric's ``no_backward_sync`` does); the
+    step's last micro-batch, outside it, reduces the sum. One process without a wrapper: nothing to skip."""
+    if is_sharded(net):
+        return partial(_without_gradient_sync, net)
+    return getattr(net, "no_sync", nullcontext)  # DistributedDataParallel.no_sync, or the bare model
+
+
+@contextmanager
+def _without_gradient_sync(model: nn.Module):
+    units = _fsdp_modules(model)
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
 
 
 @contextmanager

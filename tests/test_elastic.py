@@ -64,7 +64,13 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-@pytest.fixture(scope="module", params=STRATEGIES)
+def parallel_args(variant: str) -> tuple[str, ...]:
+    """`ddp-fsdp`: raw PyTorch with train.parallel=fsdp -- sharded checkpoints written by 2 ranks, resharded by
+    torch.distributed.checkpoint onto 3 ranks or 1."""
+    return ("train.parallel=fsdp",) if variant.endswith("-fsdp") else ()
+
+
+@pytest.fixture(scope="module", params=(*STRATEGIES, "ddp-fsdp"))
 def stopped(request, tmp_path_factory) -> tuple[str, Path]:
     """2 processes x batch 96, SIGTERM to rank 1 after the first checkpoint: every rank stops at an agreed step
     mid-epoch with exit 75 and one checkpoint (the test copies the run dir before resuming it)."""
@@ -73,7 +79,8 @@ def stopped(request, tmp_path_factory) -> tuple[str, Path]:
     run_dir = tmp / "run"
     with open(tmp / "log", "w") as log:
         proc = subprocess.Popen(
-            torchrun_cmd(f"distmnist.{strategy}", *RUN, "data.batch_size=96", f"run.dir={run_dir}"),
+            torchrun_cmd(f"distmnist.{strategy.split('-')[0]}", *RUN, *parallel_args(strategy), "data.batch_size=96",
+                         f"run.dir={run_dir}"),
             cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
         )
         try:
@@ -85,7 +92,7 @@ def stopped(request, tmp_path_factory) -> tuple[str, Path]:
             proc.kill()
     out = (tmp / "log").read_text()
     assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == 2, out[-3000:]
-    meta = checkpoint.read(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]
+    meta = checkpoint.read_any(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]
     assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # stopped mid-epoch
     assert meta["samples_in_epoch"] == meta["step_in_epoch"] * 192 and meta["global_batch"] == 192
     assert not (run_dir / "model.pt").exists()
@@ -96,11 +103,12 @@ def resume(stopped, tmp_path: Path, nproc: int, batch: int) -> Path:
     strategy, original = stopped
     run_dir = tmp_path / "run"
     shutil.copytree(original, run_dir)
-    args = (*RUN, f"data.batch_size={batch}", f"run.dir={run_dir}")
+    args = (*RUN, *parallel_args(strategy), f"data.batch_size={batch}", f"run.dir={run_dir}")
+    module = f"distmnist.{strategy.split('-')[0]}"
     if nproc == 1:
-        proc = ok(run_module(f"distmnist.{strategy}", *args, cwd=tmp_path))
+        proc = ok(run_module(module, *args, cwd=tmp_path))
     else:
-        proc = ok(torchrun(f"distmnist.{strategy}", *args, nproc=nproc, cwd=tmp_path))
+        proc = ok(torchrun(module, *args, nproc=nproc, cwd=tmp_path))
     assert "resuming from" in proc.stdout
     return run_dir
 

@@ -7,6 +7,7 @@
 #   launch/single_node.sh --strategy fabric -- -c fashion optim.lr=0.1
 #   launch/single_node.sh --nproc 4 -- -c smoke run.dir=runs/smoke4
 #   CUDA_VISIBLE_DEVICES=2,3 launch/single_node.sh --strategy trainer -- -c fashion
+#   launch/single_node.sh --strategy fabric -- -c fashion train.parallel=fsdp   # sharded (FSDP2), not DDP
 #
 # --strategy  ddp (default), trainer or fabric: `python -m distmnist.<strategy>` under torchrun
 # --nproc     processes; default: the number of visible GPUs (CUDA_VISIBLE_DEVICES if set, else
@@ -20,6 +21,18 @@
 # every process checkpoints at the next agreed step boundary and stops; run the same command again to resume.
 # Exit code: torchrun's (0 done, 1 a process failed, 2 bad arguments to this script), or 128+signal after
 # a forwarded signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+#
+# Another number of processes, the same run: give the run a global batch (data.global_batch_size) and resume its
+# run.dir with any --nproc that divides it (data.batch_size x processes x train.accumulate_grad_batches must equal it;
+# the accumulation is derived when not given): the samples, steps and learning rates are the same (README,
+# "Preemption and elastic resume").
+#   launch/single_node.sh --nproc 2 -- -c smoke data.global_batch_size=192 data.batch_size=96 run.dir=runs/g192
+#   launch/single_node.sh --nproc 3 -- -c smoke data.global_batch_size=192 data.batch_size=64 run.dir=runs/g192
+# Elastic (torchrun itself, not this script): one agent per node, the world shrinks when a node is lost and grows
+# when one joins; each restart resumes from the newest checkpoint:
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc_per_node=1 --max-restarts=3 \
+#     --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB -m distmnist.ddp -c smoke \
+#     data.global_batch_size=192 data.batch_size=96 run.dir=runs/elastic
 set -uo pipefail
 
 prog="single_node.sh"
@@ -76,9 +89,6 @@ if [ -z "${OMP_NUM_THREADS:-}" ]; then
     [ "$OMP_NUM_THREADS" -ge 1 ] || OMP_NUM_THREADS=1
 fi
 export OMP_NUM_THREADS
-# torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
-# connect (pytorch/pytorch#135712): the workers get a store of their own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export PYTHONUNBUFFERED=1
 
 if [ "$gpus" -gt 0 ]; then device="$gpus GPU(s) visible"; else device="no GPU: CPU with gloo"; fi

@@ -90,10 +90,6 @@ expected="${expected% }"
 if [ -z "$expected" ]; then expected="the other $((nnodes - 1)) node(s)"; [ "$nnodes" -le 2 ] || expected="some of $expected"
 elif [ "$nnodes" -gt 2 ]; then expected="some of $expected"; fi
 echo "$prog: $this_node: torchrun agent for $nproc process(es), joining the rendezvous $endpoint of $nnodes node(s) (start-up timeout ${join_timeout} s)" >&2
-
-# torchrun's shared rendezvous store lets a restarted gloo group read the previous attempt's keys and fail to
-# connect (pytorch/pytorch#135712): the workers get a store of their own.
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONUNBUFFERED=1
 

@@ -23,6 +23,7 @@
 #   sbatch --ntasks-per-node=4 slurm/train.sh --strategy trainer -c fashion   # Lightning Trainer, 1 task per GPU
 #   DISTMNIST_STRATEGY=fabric sbatch slurm/train.sh -c fashion          # strategy from the environment
 #   sbatch --gpus-per-node=0 slurm/train.sh -c fashion                  # CPU only, 2 gloo processes per node
+#   sbatch slurm/train.sh -c fashion train.parallel=fsdp                # sharded (FSDP2); run.dir on a shared FS
 #
 # Activate the Python environment that has distmnist before sbatch: the job inherits it. Submit from where the
 # run directories should go: the job works in the submission directory.
@@ -44,6 +45,12 @@
 # (code 75); then the job requeues itself (`scontrol requeue`) and, started again (SLURM_RESTART_COUNT >= 1),
 # resumes from that checkpoint. On SIGTERM (scancel, preemption, the time limit itself) SLURM has signalled the
 # training processes already: the script waits for their checkpoint and exits; it does not requeue.
+# With data.global_batch_size set, a requeued or resubmitted job may have another number of nodes or GPUs (any
+# count that divides the global batch; data.batch_size x processes x train.accumulate_grad_batches must equal it,
+# the accumulation derived when not given): it resumes exactly, e.g. run.dir=runs/g512 data.global_batch_size=512
+# data.batch_size=64 on 2 nodes x 4 GPUs, then the same on 1 node x 4 GPUs (accumulation 2). Without it, another
+# process count is refused (exit 2, one line). For torchrun's own elastic restarts (--nnodes=MIN:MAX: survivors
+# re-rendezvous after a node loss) see launch/single_node.sh and README, "Preemption and elastic resume".
 # A job requeues itself at most DISTMNIST_MAX_REQUEUES times (default 10; as submitit's slurm_max_num_timeout), and
 # never after a usage error (exit 2) or a diverged run (exit 3): a run that cannot make progress does not requeue
 # forever.

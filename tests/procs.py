@@ -21,9 +21,10 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun's shared store keeps the previous attempt's keys, so a
-    # restarted gloo group may connect to a dead peer (pytorch/pytorch#135712); launch/ and slurm/ set it too.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    # torchrun's default path: the rendezvous store shared with the workers (core/dist.py keeps each attempt's
+    # keys apart), so a caller's TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not passed on either
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     for key in [k for k in env if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in ("RANK", "WORLD_SIZE")]:
         env.pop(key)
     env.update(extra)

@@ -9,6 +9,7 @@ import pytest
 
 from distmnist.core.config import (
     Config,
+    batching,
     config_from_flat,
     flat_dict,
     known_keys,
@@ -319,9 +320,11 @@ def test_trajectory_includes_epochs_only_with_a_schedule():
     assert "train.epochs" in trajectory(cosine)
     assert trajectory(cosine)["train.epochs"] == cosine.train.epochs
     assert "train.epochs" not in trajectory(constant)
-    # the keys that decide the run are always there
-    for key in ("seed", "data.name", "data.batch_size", "model.hidden", "optim.lr", "optim.momentum"):
+    # the keys that decide the run are always there (the global batch is checked by run.py: data.batch_size and the
+    # accumulation may change with the number of processes as long as it holds)
+    for key in ("seed", "data.name", "data.global_batch_size", "model.hidden", "optim.lr", "optim.momentum"):
         assert key in trajectory(constant) and key in trajectory(cosine)
+    assert "data.batch_size" not in trajectory(constant)
 
 
 def test_trajectory_ignores_where_and_how_long_but_not_what():
@@ -337,7 +340,7 @@ def test_trajectory_ignores_where_and_how_long_but_not_what():
         ],
     )
     assert trajectory(same) == trajectory(base)
-    for change in ("optim.lr=0.5", "seed=1", "model.hidden=[64]", "data.batch_size=32"):
+    for change in ("optim.lr=0.5", "seed=1", "model.hidden=[64]", "data.global_batch_size=128"):
         assert trajectory(load_config(None, ["optim.schedule=constant", change])) != trajectory(base)
     # with a cosine schedule the length of the run changes the trajectory
     a = load_config(None, ["optim.schedule=cosine", "train.epochs=5"])
@@ -357,3 +360,43 @@ def test_every_schema_key_accepts_its_own_default_as_override():
     ]
     assert load_config(None, items) == cfg
     assert dataclasses.asdict(load_config(None, items)) == cfg.to_dict()
+
+
+# ------------------------------------------------------------------ global batch and accumulation (issue 16)
+@pytest.mark.parametrize(
+    "overrides, world, want",
+    [
+        ([], 2, (64, 1, 128, False)),  # no global batch: batch x world
+        (["train.accumulate_grad_batches=3"], 2, (64, 3, 384, False)),
+        (["data.global_batch_size=192", "data.batch_size=96"], 2, (96, 1, 192, True)),
+        (["data.global_batch_size=192", "data.batch_size=64"], 3, (64, 1, 192, True)),
+        (["data.global_batch_size=192", "data.batch_size=96"], 1, (96, 2, 192, True)),  # accumulation derived
+        (["data.global_batch_size=192", "data.batch_size=48", "train.accumulate_grad_batches=2"], 2, (48, 2, 192, True)),
+    ],
+)
+def test_batching_holds_the_global_batch(overrides, world, want):
+    b = batching(load_config(None, overrides), world)
+    assert (b.batch_size, b.accumulate, b.global_batch, b.fixed) == want
+    assert b.step_batch * world == b.global_batch
+
+
+@pytest.mark.parametrize(
+    "overrides, world, words",
+    [
+        (["data.global_batch_size=192"], 5, "cannot be split over 5 processes"),
+        (["data.global_batch_size=192", "data.batch_size=100"], 1, "data.batch_size=96 train.accumulate_grad_batches=2"),
+        (["data.global_batch_size=192", "data.batch_size=96", "train.accumulate_grad_batches=1"], 1,
+         "needs data.batch_size x train.accumulate_grad_batches = 192"),
+        (["data.global_batch_size=192", "data.batch_size=256"], 1, "data.batch_size=192 train.accumulate_grad_batches=1"),
+    ],
+)
+def test_a_global_batch_that_cannot_hold_is_one_line_saying_what_to_change(overrides, world, words):
+    with pytest.raises(DistMnistError) as err:
+        batching(load_config(None, overrides), world)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("key", ["data.global_batch_size", "train.accumulate_grad_batches"])
+def test_global_batch_and_accumulation_must_be_positive(key):
+    with pytest.raises(DistMnistError, match=key):
+        load_config(None, [f"{key}=0"])

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from distmnist.core import data
-from distmnist.core.config import DataConfig, load_config
+from distmnist.core.config import Batching, DataConfig, load_config
 from distmnist.core.data import RAW_FILES
 from distmnist.core.dist import DistEnv
 from distmnist.core.errors import DistMnistError
@@ -89,7 +89,7 @@ def test_shard_order_changes_with_epoch_and_seed():
 
 
 def test_epoch_order_is_sampler_like():
-    order = data.EpochOrder(103, 4, 2, seed=7)
+    order = data.EpochOrder(103, Batching(batch_size=8, accumulate=1, world_size=4, fixed=False), 2, seed=7)
     order.set_epoch(3)
     assert list(order) == sampler_indices(103, 4, 2, 7, 3)
     assert len(order) == len(sampler_indices(103, 4, 2, 7, 3))
@@ -198,7 +198,7 @@ def test_steps_per_epoch_is_the_number_of_batches(loader, n, world, bs):
     )
     for rank in {0, world - 1}:
         b = data.train_batches(cfg, DistEnv(rank=rank, world_size=world))
-        steps = data.steps_per_epoch(cfg.data, world)
+        steps = data.steps_per_epoch(cfg, world)
         assert len(b) == steps
         assert sum(1 for _ in b) == steps
 
@@ -207,7 +207,72 @@ def test_steps_per_epoch_full_synthetic_set():
     cfg = synthetic_cfg("data.batch_size=64")
     assert data.split_size(cfg.data, True) == 6000
     b = data.train_batches(cfg, DistEnv(rank=0, world_size=1))
-    assert len(b) == data.steps_per_epoch(cfg.data, 1) == math.ceil(6000 / 64)
+    assert len(b) == data.steps_per_epoch(cfg, 1) == math.ceil(6000 / 64)
+
+
+# ------------------------------------------------------------------ global batch, accumulation: step k's samples
+def step_samples(n, b, seed, epoch):
+    """Per optimizer step: the samples every rank's micro-batches take, as (rank, micro-batch) -> ids."""
+    orders = [data.step_order(n, b, r, seed, epoch) for r in range(b.world_size)]
+    steps = []
+    for k in range(math.ceil(len(orders[0]) / b.step_batch)):
+        chunk = {r: o[k * b.step_batch:(k + 1) * b.step_batch] for r, o in enumerate(orders)}
+        steps.append({(r, m): part for r, c in chunk.items() for m, part in enumerate(c.tensor_split(b.accumulate))})
+    return steps
+
+
+@pytest.mark.parametrize("n", [2048, 1920, 77])
+@pytest.mark.parametrize("world, bs, acc", [(2, 96, 1), (3, 64, 1), (1, 96, 2), (1, 48, 4), (6, 16, 2), (4, 24, 2)])
+def test_step_k_takes_the_same_global_slice_at_any_world_size(n, world, bs, acc):
+    """G = 192: optimizer step k consumes P[kG:(k+1)G] of the epoch's padded permutation, whatever W and A; and
+    micro-batch m of rank r takes P[kG:(k+1)G][m*W + r :: W*A]."""
+    g, seed, epoch = 192, 4, 3
+    b = Batching(bs, acc, world, fixed=True)
+    assert b.global_batch == g
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    steps = math.ceil(n / g)
+    padded = torch.cat([perm] * math.ceil(steps * g / n))[: steps * g]
+    got = step_samples(n, b, seed, epoch)
+    assert len(got) == steps
+    for k, parts in enumerate(got):
+        want = padded[k * g:(k + 1) * g]
+        for (r, m), ids in parts.items():
+            assert torch.equal(ids, want[m * world + r::world * acc]), (k, r, m)
+        assert sum(len(ids) for ids in parts.values()) == g
+
+
+def test_accumulation_micro_batches_are_the_ranks_of_a_larger_world():
+    """W=1 x accumulate 2 takes, micro-batch for micro-batch, what the two ranks of W=2 take (same order inside
+    the batch): the arithmetic can be the same bit for bit."""
+    one = step_samples(1000, Batching(96, 2, 1, fixed=True), 0, 1)
+    two = step_samples(1000, Batching(96, 1, 2, fixed=True), 0, 1)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a[(0, 0)], b[(0, 0)]) and torch.equal(a[(0, 1)], b[(1, 0)])
+
+
+@pytest.mark.parametrize("n, world, bs, acc", [(1000, 2, 32, 2), (999, 3, 10, 3), (64, 1, 8, 4)])
+def test_without_a_global_batch_a_rank_still_takes_the_distributed_sampler_shard(n, world, bs, acc):
+    b = Batching(bs, acc, world, fixed=False)
+    for r in range(world):
+        got = data.step_order(n, b, r, 2, 5)
+        assert sorted(got.tolist()) == sorted(sampler_indices(n, world, r, 2, 5))
+        # step by step the same samples as one batch of bs * acc would have
+        want = torch.tensor(sampler_indices(n, world, r, 2, 5))
+        for i in range(0, len(want), bs * acc):
+            assert sorted(got[i:i + bs * acc].tolist()) == sorted(want[i:i + bs * acc].tolist())
+
+
+@pytest.mark.parametrize("loader", ["resident", "dataloader"])
+def test_global_batch_steps_per_epoch_and_micro_batches(loader):
+    cfg = synthetic_cfg("data.train_samples=2048", "data.global_batch_size=192", "data.batch_size=48",
+                        f"data.loader={loader}", "data.num_workers=0")
+    b = data.train_batches(cfg, DistEnv(rank=1, world_size=2))
+    assert len(b) == data.steps_per_epoch(cfg, 2) == math.ceil(2048 / 192) == sum(1 for _ in b)
+    x, y = next(iter(b))
+    assert x.shape[0] == 96
+    micro = data.micro_batches(x, y, 2)
+    assert [m[0].shape[0] for m in micro] == [48, 48]
+    assert len(data.MicroBatches(b, 2)) == 2 * len(b) == sum(1 for _ in data.MicroBatches(b, 2))
 
 
 # --------------------------------------------------------------------------------------------- evaluation

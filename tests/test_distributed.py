@@ -239,8 +239,9 @@ def test_quiet_prints_one_line(tmp_path, strategy):
 
 @pytest.mark.parametrize("strategy", ["ddp", "trainer"])
 def test_resume_with_another_number_of_processes_is_refused(runs, tmp_path, strategy):
-    """Written by 2 processes, resumed by 1: refused with one line (exit 2) until exact elastic resume exists --
-    never a silent change of global batch, data order and schedule. Nothing in the run dir changes."""
+    """Written by 2 processes without data.global_batch_size, resumed by 1: refused with one line (exit 2) -- never
+    a silent change of global batch, data order and schedule (with data.global_batch_size the resume is exact:
+    test_elastic.py). Nothing in the run dir changes."""
     run_dir = tmp_path / strategy
     shutil.copytree(runs[strategy][0], run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}

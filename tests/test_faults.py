@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import child_env, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
+from procs import child_env, free_port, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
 
 from distmnist.core import checkpoint
 
@@ -37,12 +37,15 @@ def reference(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
-def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = ()) -> subprocess.Popen:
+def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = (), late_restart: bool = False) -> subprocess.Popen:
+    """torchrun's workers run `-m distmnist.<strategy>`; with late_restart through tests/late_start.py, so that
+    rank 1 of a restarted attempt arrives 3 s after rank 0."""
     log = open(tmp / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra),
-        cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
+    cmd = torchrun_cmd(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", extra=extra)
+    if late_restart:
+        at = cmd.index(f"distmnist.{strategy}")
+        cmd[at - 1:at] = [str(Path(__file__).with_name("late_start.py"))]  # `-m MODULE` -> `late_start.py MODULE`
+    return subprocess.Popen(cmd, cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def log_of(tmp: Path, run_dir: Path) -> str:
@@ -60,19 +63,20 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
+def worker_env(pid: int) -> dict[str, str]:
+    """The environment torchrun gave a worker process ({} once it is gone)."""
+    try:
+        items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return {}
+    return dict(item.decode(errors="replace").split("=", 1) for item in items if b"=" in item)
+
+
+def worker_pids(agent: subprocess.Popen, count: int = 2) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (read from their environment)."""
     out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = pid
-    assert len(ranks) == 2, ranks
+    ranks = {int(env["RANK"]): pid for pid in map(int, out) if "RANK" in (env := worker_env(pid))}
+    assert len(ranks) == count, ranks
     return ranks
 
 
@@ -127,11 +131,18 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
 @slow
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
+    """Plain `torchrun --standalone --max-restarts=1`: the restarted group shares torchrun's store with the dead
+    one's keys (pytorch/pytorch#135712); core/dist.py gives each start its own key, so it connects and resumes.
+    The restarted rank 1 arrives 3 s after rank 0: without that key, rank 0 reads the dead rank 1's gloo address
+    and fails (Connection refused) every time, not only when the two happen to start in that order."""
     run_dir = tmp_path / "run"
-    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",))
+    proc = start(tmp_path, strategy, run_dir, extra=("--max-restarts=1",), late_restart=True)
     try:
         wait_for_checkpoint(proc, run_dir)
         pids = worker_pids(proc)
+        # torchrun's default path: its rendezvous store, shared with the workers and kept for the restart
+        env = worker_env(pids[1])
+        assert env["TORCHELASTIC_USE_AGENT_STORE"] == "True" and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
         while Path(f"/proc/{pids[0]}").exists() and time.monotonic() - killed < 60:
@@ -145,6 +156,45 @@ def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(refer
     assert survivor_s < 15, f"rank 0 outlived its killed peer by {survivor_s:.1f} s"
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from" in out
+    assert_same_run(run_dir, reference)
+
+
+@slow
+def test_kill_9_on_one_of_two_torchrun_nodes_restarts_both_under_one_key(reference, tmp_path):
+    """Two torchrun agents (--nnodes=2, one process each, one c10d rendezvous, --max-restarts=1), the worker of one
+    killed: its agent counts a restart, the other restarts its worker because a node waits, often without counting
+    one -- TORCHELASTIC_RESTART_COUNT then differs between the ranks of one attempt and could not name it; the key
+    rank 0 hands out does. Both agents end with 0 and the weights of the uninterrupted run."""
+    run_dir, port = tmp_path / "run", free_port()
+    cmd = torchrun_cmd("distmnist.ddp", *FAULT, f"run.dir={run_dir}", nproc=1, extra=(
+        "--max-restarts=1", "--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=t"))
+    cmd.remove("--standalone")
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed below
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
+              for log in logs]
+    restart_counts: dict[int, str] = {}  # rank -> TORCHELASTIC_RESTART_COUNT of the restarted workers
+    try:
+        wait_for_checkpoint(agents[1], run_dir)
+        first = {**worker_pids(agents[0], count=1), **worker_pids(agents[1], count=1)}
+        os.kill(worker_pids(agents[1], count=1).popitem()[1], signal.SIGKILL)
+        deadline = time.monotonic() + 300
+        while any(a.poll() is None for a in agents) and time.monotonic() < deadline:
+            children = subprocess.run(["pgrep", "-P", ",".join(str(a.pid) for a in agents)],
+                                      capture_output=True, text=True).stdout.split()
+            for pid in set(map(int, children)) - set(first.values()):
+                if "RANK" in (env := worker_env(pid)):
+                    restart_counts.setdefault(int(env["RANK"]), env["TORCHELASTIC_RESTART_COUNT"])
+            time.sleep(0.1)
+    finally:
+        for a in agents:
+            a.kill()
+            a.wait()
+        for log in logs:
+            log.close()
+    out = "".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    print(f"\nTORCHELASTIC_RESTART_COUNT of the restarted ranks: {restart_counts}")
+    assert [a.returncode for a in agents] == [0, 0], out[-4000:]
+    assert "resuming from" in out and restart_counts, out[-4000:]
     assert_same_run(run_dir, reference)
 
 
@@ -235,6 +285,7 @@ def snapshot(run_dir: Path) -> dict[str, bytes]:
         (("optim.lr=0.1",), ("optim.lr", "0.05", "0.1")),
         (("model.hidden=[64]",), ("model.hidden",)),
         (("seed=1",), ("seed",)),
+        (("data.batch_size=16",), ("global batch: 32 -> 16",)),  # run.py's check of the global batch
     ],
 )
 def test_other_config_is_refused_and_nothing_is_overwritten(finished, overrides, words, tmp_path):

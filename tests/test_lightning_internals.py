@@ -93,3 +93,51 @@ def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
         assert getattr(tuned, hook) is not getattr(L.LightningModule, hook)
         if not any(p.kind is p.VAR_POSITIONAL for p in theirs.parameters.values()):
             assert list(ours.parameters)[:3] == list(theirs.parameters)[:3], hook
+
+
+class Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def tiny_batches(n: int):
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(2.0 * n).view(n, 2)), batch_size=1)
+
+
+class SaveAtStep(L.Callback):
+    def __init__(self, path, step: int) -> None:
+        self.path, self.step = path, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.parametrize("recount", [True, False])
+def test_a_checkpoint_counts_micro_batches_where_recount_batches_looks(tmp_path, recount):
+    """Saved after 2 optimizer steps of accumulation 2 (4 micro-batches), resumed with accumulation 1 in an epoch of
+    4 batches: recounted, the epoch continues for the 2 steps left and ends at step 4; left as Lightning saved it
+    (4 batches of the epoch done), Lightning's loop does not (it ran 4 more steps, to 6, in 2.6) -- the difference
+    recount_batches makes."""
+    path = tmp_path / "mid.ckpt"
+    quiet_trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[SaveAtStep(path, 2)]).fit(
+        Tiny(), train_dataloaders=tiny_batches(8))
+    ckpt = torch.load(path, weights_only=False)
+    progress = ckpt
+    for key in lightning_internals.BATCH_PROGRESS:
+        progress = progress[key]
+    assert progress["current"]["ready"] == progress["total"]["ready"] == 4
+    if recount:
+        lightning_internals.recount_batches(ckpt, was=2, now=1)
+        assert progress["current"]["ready"] == 2
+    torch.save(ckpt, path)
+    trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=1)
+    trainer.fit(Tiny(), train_dataloaders=tiny_batches(4), ckpt_path=path)
+    assert (trainer.global_step == 4) is recount, trainer.global_step

@@ -16,7 +16,7 @@ import sys
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from distmnist.core import checkpoint, data, dist
+from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
@@ -36,21 +36,24 @@ def train(cfg: Config) -> dict:
     autocast = autocast_factory(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
-    with dist.process_group(env, cfg.dist.timeout_s):
+    with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         records = Records(run)
         data.ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        train_batches = data.train_batches(cfg, env, split)
+        accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
 
         model = build_model(cfg.model.hidden, cfg.seed).to(env.device)
         # one process needs no DDP wrapper: same arithmetic (averaging over 1 rank), no bucket overhead
         net = model
-        if env.world_size > 1:
+        if cfg.train.parallel == "fsdp":  # FSDP2: each Linear, then the root, sharded in place over all ranks
+            net = model = parallel.shard(model, parallel.mesh(env), cfg.train.precision)
+        elif env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
             device_ids = [env.device.index] if env.device.type == "cuda" else None
-            # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
             net = DistributedDataParallel(model, device_ids=device_ids, **dist.ddp_kwargs(env.world_size))
-        optimizer = build_optimizer(cfg.optim, model.parameters())
+        optimizer = build_optimizer(cfg.optim, model.parameters())  # FSDP: over this rank's shards
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         scaler = grad_scaler(cfg.train.precision, env.device)  # active for 16-mixed only
 
@@ -58,7 +61,7 @@ def train(cfg: Config) -> dict:
             with autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            scaler.scale(loss).backward()
+            scaler.scale(loss / accumulate).backward()  # the mean over the step's samples, summed over micro-batches
             return logits, loss
 
         def optimizer_step():
@@ -67,7 +70,8 @@ def train(cfg: Config) -> dict:
 
         tally = TrainTally(env.device)
         # zero_grad, forward_backward, tally, optimizer_step -- eagerly, or replayed from a CUDA graph (one GPU)
-        step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env))
+        no_sync = parallel.no_sync(net)  # no all-reduce (DDP) / reduce-scatter (FSDP) while accumulating
+        step = StepRunner(forward_backward, optimizer_step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
         stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
@@ -76,19 +80,19 @@ def train(cfg: Config) -> dict:
             state.tally = tally.state()  # a collective: every rank is here at the same step
             cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
-            if env.is_zero:
-                checkpoint.save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
-            dist.barrier()
+            # rank 0 writes (DDP), or every rank its shards (FSDP); all wait
+            checkpoint.save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)}, env.is_zero)
             run.prune(state.global_step)
             return path
 
         state = TrainState()
         if (path := run.agreed(found)) is not None:  # rank 0's choice, loaded by every rank
-            rest = checkpoint.load_state(checkpoint.read(path), stateful)
+            rest = checkpoint.load_state(path, stateful)
             state = records.resume(rest["distmnist"])
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
         tally.restore(state.tally, env.is_zero)
         records.start(split, fresh=path is None)
+        records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
         cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75

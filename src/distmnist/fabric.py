@@ -4,20 +4,22 @@
     python -m distmnist.fabric ...          # one process
 
 The same lifecycle as ``ddp.py``, line for line, in Fabric's API: ``Fabric(accelerator, strategy, devices,
-num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup(model, optimizer)``, ``fabric.autocast()`` +
-``fabric.backward(loss)``, ``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
+num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup_module(model)`` then ``fabric.setup_optimizers``
+(the model first: FSDP shards it, the optimizer takes the shards), ``fabric.autocast()`` + ``fabric.backward(loss)``,
+``fabric.save`` / ``fabric.load``. ``diff ddp.py fabric.py`` shows only that.
 """
 
 from __future__ import annotations
 
 import sys
 from datetime import timedelta
+from functools import partial
 
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import DDPStrategy
+from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist.core import checkpoint, data, dist
+from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
@@ -37,42 +39,53 @@ def train(cfg: Config) -> dict:
     check_precision(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
+    strategy = "auto"
+    if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
+    plugins = [checkpoint.checkpoint_io(), dist.lightning_environment(env)]
+    if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
+        strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
+            parallelize_fn=parallel.lightning_parallelize(cfg.train.precision),
+            data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s),
+        )
+        plugins = [dist.lightning_environment(env)]  # it takes no CheckpointIO: checkpoints are DCP folders
     fabric = Fabric(
         accelerator=env.device.type,
         devices=env.local_world_size,
         num_nodes=env.num_nodes,
-        strategy=(  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
-            DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
-            if env.world_size > 1
-            else "auto"
-        ),
+        strategy=strategy,
         precision=cfg.train.precision,
-        plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
+        plugins=plugins,
     )
-    fabric.launch()  # joins the process group
+    dist.init_process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s)  # every rank in, or who is missing
+    fabric.launch()  # uses the process group that is up
     try:
         records = Records(run)
         data.ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        train_batches = data.train_batches(cfg, env, split)  # rank r takes perm[r::W] of the epoch's order
+        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        train_batches = data.train_batches(cfg, env, split)
+        accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
 
         model = build_model(cfg.model.hidden, cfg.seed)
-        optimizer = build_optimizer(cfg.optim, model.parameters())
+        net = fabric.setup_module(model)  # moves `model` to the device, wraps it in DDP (or shards it in place: FSDP)
+        optimizer = build_optimizer(cfg.optim, model.parameters())  # FSDP: over this rank's shards
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
-        net, optimizer = fabric.setup(model, optimizer)  # moves `model` to the device, wraps it in DDP
+        optimizer = fabric.setup_optimizers(optimizer)
         scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the precision plugin's GradScaler
 
         def forward_backward(x, y):
             with fabric.autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            fabric.backward(loss)
+            fabric.backward(loss / accumulate)  # the mean over the step's samples, summed over micro-batches
             return logits, loss
 
         tally = TrainTally(env.device)
         # zero_grad, forward_backward, tally, optimizer.step -- eagerly, or replayed from a CUDA graph (one GPU)
-        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env))
+        no_sync = partial(fabric.no_backward_sync, net)  # no all-reduce while accumulating
+        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
         stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if scaler else {})}
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
@@ -81,7 +94,7 @@ def train(cfg: Config) -> dict:
             state.tally = tally.state()  # a collective: every rank is here at the same step
             cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
-            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes, all wait
+            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes (FSDP: each rank its shards), all wait
             run.prune(state.global_step)
             return path
 
@@ -92,6 +105,7 @@ def train(cfg: Config) -> dict:
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
         tally.restore(state.tally, env.is_zero)
         records.start(split, fresh=path is None)
+        records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
         cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75

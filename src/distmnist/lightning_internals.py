@@ -11,6 +11,7 @@ behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails 
   checkpoint; and its per-step SIGTERM broadcast (a collective and a host sync), which then has nothing to share.
 * :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
 * :func:`hush` -- Lightning's start-up lines that say nothing about this run.
+* :func:`recount_batches` -- a checkpoint's micro-batch counters, for a resume with another accumulation.
 """
 
 from __future__ import annotations
@@ -124,3 +125,29 @@ def hush(quiet: bool) -> None:
     warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`")
     if quiet:
         logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+BATCH_PROGRESS = ("loops", "fit_loop", "epoch_loop.batch_progress")  # where Lightning 2.6 keeps them
+
+
+def recount_batches(ckpt: dict, was: int, now: int) -> None:
+    """Lightning's training loop counts micro-batches (``batch_progress``): it steps the optimizer when the epoch's
+    count is a multiple of ``accumulate_grad_batches`` and ends the epoch at ``num_training_batches``. A run saved
+    with accumulation `was` and resumed with `now` (another number of processes, the same global batch) has done
+    the same optimizer steps: its counts become steps x `now` (checkpoints are only written after an optimizer step;
+    a counter Lightning has not advanced yet for the batch keeps its distance to ``ready``).
+    Nothing happens when the counters are not where Lightning 2.6 keeps them (stock behaviour)."""
+    if was == now:
+        return
+    progress = ckpt
+    for key in BATCH_PROGRESS:
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    if not isinstance(progress, dict):
+        return
+    for part in ("total", "current"):
+        counts = progress.get(part)
+        if isinstance(counts, dict) and isinstance(counts.get("ready"), int):
+            steps = counts["ready"] // was
+            for name, value in counts.items():
+                if isinstance(value, int):
+                    counts[name] = value + steps * (now - was)

@@ -20,10 +20,10 @@ from datetime import timedelta
 import lightning as L
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from distmnist import lightning_internals
-from distmnist.core import checkpoint, data, dist
+from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
@@ -52,6 +52,12 @@ class NNModule(L.LightningModule):
         self.tally = TrainTally(self.device)  # running sums of the epoch's loss/accuracy, no host sync per step
         self.val_metrics.keep_wrong = 32 if self.global_rank == 0 else 0  # misclassified images for TensorBoard
 
+    def configure_model(self) -> None:
+        """train.parallel=fsdp: ModelParallelStrategy hands over its device mesh; the shard layout of core.parallel
+        (FSDP2 on each Linear, then the root). With DDP there is no mesh and nothing to do."""
+        if self.device_mesh is not None:
+            parallel.lightning_parallelize(self.cfg.train.precision)(self.model, self.device_mesh)
+
     def forward(self, x):
         return self.model(x)
 
@@ -62,13 +68,20 @@ class NNModule(L.LightningModule):
         self.tally.update(logits, y, loss)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self.whole = parallel.gathered(self.model)  # FSDP: weights gathered once, not per batch (batch counts differ)
+        self.whole.__enter__()
+
     def validation_step(self, batch, batch_idx):
         x, y = batch
         self.val_metrics.update(self.model(x), y, x)
 
+    def on_validation_epoch_end(self) -> None:
+        self.whole.__exit__(None, None, None)
+
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model.parameters())
-        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg.data, self.trainer.world_size)
+        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg, self.trainer.world_size)  # optimizer steps
         scheduler = build_scheduler(self.cfg.optim, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -87,7 +100,9 @@ class MNISTData(L.LightningDataModule):
         self.eval_batches = data.eval_batches(self.cfg, self.env)
 
     def train_dataloader(self):
-        return self.train_batches  # Lightning calls .sampler.set_epoch(epoch) on it each epoch
+        # Lightning calls .sampler.set_epoch(epoch) on it each epoch; with accumulation it gets the micro-batches
+        accumulate = self.trainer.accumulate_grad_batches
+        return data.MicroBatches(self.train_batches, accumulate) if accumulate > 1 else self.train_batches
 
     def val_dataloader(self):
         return self.eval_batches
@@ -105,6 +120,7 @@ class RunRecords(Callback):
         self.records.start(trainer.datamodule.split, writer, fresh=self.fresh)
 
     def on_train_start(self, trainer, pl_module) -> None:
+        self.records.watch(pl_module.model, trainer.optimizers[0])  # per-rank memory of the training state
         self.records.begin_training(self.state)
         self.records.begin_epoch(self.state)  # a mid-epoch resume continues the epoch's clock
 
@@ -115,8 +131,11 @@ class RunRecords(Callback):
         self.lr = trainer.optimizers[0].param_groups[0]["lr"]  # this step's (the scheduler steps before batch end)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.state.global_step:  # a micro-batch that accumulates: no optimizer step yet
+            return
         self.state.advance()
-        for key, value in self.records.log_step(self.state.global_step, outputs["loss"], self.lr).items():
+        loss = outputs["loss"] * trainer.accumulate_grad_batches  # Lightning hands on the loss divided by it
+        for key, value in self.records.log_step(self.state.global_step, loss, self.lr).items():
             pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)  # rank 0's bar
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -134,6 +153,7 @@ class RunCheckpoints(Callback):
 
     def __init__(self, run: RunDir, records: Records, state: TrainState, cadence: CheckpointCadence) -> None:
         self.run, self.records, self.state, self.cadence = run, records, state, cadence
+        self.stepped = 0  # trainer.global_step at the last batch end seen (accumulating batches do not step)
 
     def save(self, trainer: L.Trainer):
         path = self.run.checkpoint_path(trainer.global_step)
@@ -141,7 +161,13 @@ class RunCheckpoints(Callback):
         self.run.prune(trainer.global_step)
         return path
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.stepped = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.stepped:  # accumulating
+            return
+        self.stepped = trainer.global_step
         if self.cadence.due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
             path = self.save(trainer)
             self.cadence.stop_if_signalled(self.state, path)
@@ -158,6 +184,9 @@ class RunCheckpoints(Callback):
     def on_load_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
         """Before Lightning makes the epoch's iterator: the loader starts where the checkpoint left the epoch."""
         self.state.load_state_dict(self.records.resume(ckpt["distmnist"]).state_dict())
+        # Lightning counts micro-batches: a run resumed with another accumulation continues at the same step
+        lightning_internals.recount_batches(ckpt, ckpt["distmnist"].get("accumulate_grad_batches", 1),
+                                            trainer.accumulate_grad_batches)
         trainer.datamodule.train_batches.set_epoch(self.state.epoch)
         trainer.datamodule.train_batches.skip(self.state.step_in_epoch)
         pl_module.tally.restore(self.state.tally, trainer.is_global_zero)
@@ -171,21 +200,25 @@ def train(cfg: Config) -> dict:
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (nothing written)
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
     # from rank 0's choice of checkpoint, as in ddp.py and fabric.py -- a node-local run dir may differ
-    with dist.process_group(env, cfg.dist.timeout_s):
+    with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         found = run.agreed(found)
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)
+        strategy = "auto"
+        if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+            strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
+        if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
+            strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
+                data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)
+            )
         trainer = L.Trainer(
             accelerator=env.device.type,
             devices=env.local_world_size,
             num_nodes=env.num_nodes,
-            strategy=(  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
-                DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
-                if env.world_size > 1
-                else "auto"
-            ),
+            strategy=strategy,
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
+            accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
             logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
             callbacks=[
                 RunRecords(records, state, fresh=found is None),

@@ -28,6 +28,7 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
+PARALLEL = ("ddp", "fsdp")
 
 # The shipped configs of the checkout this file is in (<repo>/src/distmnist/core/config.py -> <repo>/configs).
 # Installed, they are the package distmnist.configs (see resolve_path).
@@ -38,7 +39,11 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 class DataConfig:
     name: str = "mnist"
     root: str = "data"
-    batch_size: int = 64  # per process; global batch = batch_size * world_size
+    batch_size: int = 64  # per process (per micro-batch); global batch = batch_size * world size * accumulation
+    # the optimizer's batch over all processes; when set, it holds whatever the number of processes (the accumulation
+    # is derived when not given) and every optimizer step has exactly this many samples: resume on another number of
+    # processes is exact (README, Preemption and elastic resume)
+    global_batch_size: int | None = None
     eval_batch_size: int = 1000
     loader: str = "resident"  # resident: whole split as one tensor on the device; dataloader: classic
     num_workers: int = 2  # only for loader=dataloader
@@ -69,11 +74,14 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 5
     precision: str = "32-true"
+    parallel: str = "ddp"  # ddp: the whole model on every rank; fsdp: parameters, gradients, optimizer state sharded
     accelerator: str = "auto"
     log_every_n_steps: int = 50
     progress: bool = True  # progress bar on rank 0
     quiet: bool = False  # no progress bar, no per-epoch lines (--quiet): errors and the final line only
     cuda_graphs: bool = True  # one process on a CUDA device: replay the step from a CUDA graph (Trainer: 32-true)
+    # micro-batches per optimizer step (Lightning's name); null: 1, or derived from data.global_batch_size
+    accumulate_grad_batches: int | None = None
 
 
 @dataclass
@@ -86,6 +94,11 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the job after this
+    # every process must reach the process group within this, or each one that came names the missing ones (exit
+    # 69). 180 s: on a real cluster the nodes of one job start seconds to a minute apart (srun/torchrun starting,
+    # `import torch` from a cold shared file system on hundreds of nodes at once), so a shorter default would fail
+    # healthy jobs; far below dist.timeout_s, NCCL's 10 and gloo's 30 minutes.
+    startup_timeout_s: float = 180.0
 
 
 @dataclass
@@ -116,8 +129,8 @@ class Config:
 TRAJECTORY_KEYS = (
     "seed",
     "data.name",
-    "data.batch_size",
-    "data.train_samples",
+    "data.global_batch_size",  # the global batch itself is checked by run.py (data.batch_size and the accumulation
+    "data.train_samples",      # may change with the number of processes as long as it holds)
     "model.hidden",
     "optim.name",
     "optim.lr",
@@ -329,7 +342,10 @@ def validate(cfg: Config) -> None:
     _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("train.accelerator", cfg.train.accelerator, ACCELERATORS)
+    _choice("train.parallel", cfg.train.parallel, PARALLEL)
     _positive("data.batch_size", cfg.data.batch_size)
+    _positive("data.global_batch_size", cfg.data.global_batch_size)
+    _positive("train.accumulate_grad_batches", cfg.train.accumulate_grad_batches)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
     _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
     _positive("data.train_samples", cfg.data.train_samples)
@@ -344,6 +360,7 @@ def validate(cfg: Config) -> None:
     _positive("checkpoint.stop_check_every_n_steps", cfg.checkpoint.stop_check_every_n_steps)
     _positive("dist.timeout_s", cfg.dist.timeout_s)
     _positive("data.prepare_timeout_s", cfg.data.prepare_timeout_s)
+    _positive("dist.startup_timeout_s", cfg.dist.startup_timeout_s)
     if cfg.optim.momentum >= 1:
         raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):
@@ -358,6 +375,56 @@ def validate(cfg: Config) -> None:
         raise DistMnistError(
             "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"
         )
+    if cfg.train.parallel == "fsdp" and cfg.train.precision == "16-mixed":
+        raise DistMnistError(
+            "train.parallel=fsdp does not support train.precision=16-mixed (a gradient scaler over sharded "
+            "gradients); use bf16-mixed or 32-true"
+        )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How many samples one optimizer step takes, for a given number of processes."""
+
+    batch_size: int  # per process and micro-batch
+    accumulate: int  # micro-batches per optimizer step
+    world_size: int
+    fixed: bool  # data.global_batch_size is set: the epoch is padded to whole global batches
+
+    @property
+    def step_batch(self) -> int:
+        """Samples of one process in one optimizer step."""
+        return self.batch_size * self.accumulate
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.accumulate * self.world_size
+
+
+def batching(cfg: Config, world_size: int) -> Batching:
+    """data.batch_size x world size x train.accumulate_grad_batches = data.global_batch_size (when set), the
+    accumulation derived when not given; one line saying what to change when it cannot hold."""
+    b, acc, g = cfg.data.batch_size, cfg.train.accumulate_grad_batches, cfg.data.global_batch_size
+    if g is None:
+        return Batching(b, acc or 1, world_size, fixed=False)
+    if g % world_size:
+        fits = [w for w in range(1, min(g, 64) + 1) if g % w == 0]
+        raise DistMnistError(
+            f"data.global_batch_size={g} cannot be split over {world_size} processes: run with a number of processes "
+            f"that divides it ({', '.join(map(str, fits))}), or choose a new run.dir with another global batch"
+        )
+    per_process = g // world_size
+    if acc is None and per_process % b == 0:
+        return Batching(b, per_process // b, world_size, fixed=True)
+    if acc is not None and b * acc == per_process:
+        return Batching(b, acc, world_size, fixed=True)
+    sizes = [d for d in range(1, per_process + 1) if per_process % d == 0 and d <= b] or [per_process]
+    hint = sizes[-1]
+    raise DistMnistError(
+        f"data.global_batch_size={g} with {world_size} processes needs data.batch_size x "
+        f"train.accumulate_grad_batches = {per_process}, got {b} x {acc if acc is not None else '(derived)'}: "
+        f"use data.batch_size={hint} train.accumulate_grad_batches={per_process // hint} (or null)"
+    )
 
 
 def flat_dict(cfg: Config) -> dict[str, Any]:

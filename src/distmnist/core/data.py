@@ -3,13 +3,15 @@
 Every strategy and both loaders see the same samples in the same order:
 
 * training order: a permutation seeded with ``seed + epoch``, padded and split across ranks exactly as
-  :class:`torch.utils.data.DistributedSampler` does (``shard_indices``);
+  :class:`torch.utils.data.DistributedSampler` does (``shard_indices``) -- or, with ``data.global_batch_size`` G,
+  padded to whole global batches so that optimizer step k takes ``P[kG:(k+1)G]`` at any world size
+  (``step_order``, which also places the micro-batches of gradient accumulation);
 * evaluation: rank r takes test samples r, r+W, r+2W, ... with no padding, so every test image is counted
   exactly once for any world size W.
 
 ``data.loader=resident`` keeps a whole split as one float tensor on the training device: an epoch is one
 gather of the rank's shard, a batch is a slice (no per-sample Python, no host-device copy per step).
-``data.loader=dataloader`` is the classic ``DataLoader`` + ``DistributedSampler`` (+ ``set_epoch``) path.
+``data.loader=dataloader`` is the classic ``DataLoader`` path with a sampler (+ ``set_epoch``) in that order.
 Pixel values are ``uint8 / 255`` as float32 in both (what ``ToTensor`` gives); shapes are (B, 1, 28, 28).
 """
 
@@ -32,11 +34,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from distmnist.core import dist
 from distmnist.core.checkpoint import atomic_open
-from distmnist.core.config import Config, DataConfig
+from distmnist.core.config import Batching, Config, DataConfig, batching
 from distmnist.core.errors import AgreedError, DistMnistError
 
 # torchvision's class name (its folder under data.root) per data set
@@ -434,9 +436,11 @@ def split_size(cfg: DataConfig, train: bool) -> int:
     return min(full, limit) if limit is not None and cfg.name != "synthetic" else (limit or full)
 
 
-def steps_per_epoch(cfg: DataConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch: ceil(ceil(N / world_size) / batch_size), as DistributedSampler pads."""
-    return math.ceil(math.ceil(split_size(cfg, True) / world_size) / cfg.batch_size)
+def steps_per_epoch(cfg: Config, world_size: int) -> int:
+    """Optimizer steps in one epoch: ceil(ceil(N / world_size) / (batch_size x accumulation)), as
+    DistributedSampler pads; with data.global_batch_size, ceil(N / global batch) whatever the world size."""
+    b = batching(cfg, world_size)
+    return math.ceil(rank_samples(split_size(cfg.data, True), b) / b.step_batch)
 
 
 def load_split(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -475,52 +479,90 @@ def eval_indices(n: int, world_size: int, rank: int) -> torch.Tensor:
     return torch.arange(rank, n, world_size)
 
 
-class EpochOrder:
-    """Sampler-like: the rank's indices for the current epoch (``set_epoch`` as with DistributedSampler)."""
+def rank_samples(n: int, b: Batching) -> int:
+    """Samples one rank takes in an epoch of `n`, padding included."""
+    if b.fixed:  # padded to whole global batches
+        return math.ceil(n / b.global_batch) * b.step_batch
+    return math.ceil(n / b.world_size)  # padded to a multiple of the world size, as DistributedSampler
 
-    def __init__(self, n: int, world_size: int, rank: int, seed: int) -> None:
-        self.n, self.world_size, self.rank, self.seed = n, world_size, rank, seed
+
+def step_order(n: int, b: Batching, rank: int, seed: int, epoch: int) -> torch.Tensor:
+    """Rank `rank`'s indices of an epoch, in the order its micro-batches take them.
+
+    The epoch's permutation P (seed + epoch) is padded by repeating its start: to a multiple of the world size W
+    (DistributedSampler's padding) or, with data.global_batch_size G, to whole global batches (every step then
+    has G samples whatever W is). Rank r takes P[r::W]; its share of optimizer step k is the next
+    batch_size x accumulation (A) of those, i.e. P[kG + r :: W] within P[kG:(k+1)G], and micro-batch m of the
+    step takes every A-th of them from the m-th (listed micro-batch by micro-batch, so a micro-batch is a
+    contiguous slice). So micro-batch m of rank r takes P[kG:(k+1)G][m*W + r :: W*A]: the same samples as rank
+    m*W + r of a job of W*A processes without accumulation, and step k consumes P[kG:(k+1)G] for any W and A.
+    With A = 1 and no global batch this is ``shard_indices``, DistributedSampler's order."""
+    if b.fixed:
+        total = rank_samples(n, b) * b.world_size
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g)
+        if total > n:
+            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+        idx = order[rank:total:b.world_size]
+    else:
+        idx = shard_indices(n, b.world_size, rank, seed, epoch)
+    a, step = b.accumulate, b.step_batch
+    if a == 1:
+        return idx
+    full = idx.shape[0] // step * step  # whole steps: [k, i, m] -> [k, m, i]
+    head = idx[:full].view(-1, b.batch_size, a).transpose(1, 2).reshape(-1)
+    tail = idx[full:]  # a short last step (no global batch): micro-batch sizes differ by at most one
+    return torch.cat([head, *(tail[m::a] for m in range(a))])
+
+
+class EpochOrder:
+    """Sampler-like: the rank's indices for the current epoch (``set_epoch`` as with DistributedSampler), in the
+    order of its micro-batches (``step_order``); ``skip_samples`` starts the next pass part-way (resume)."""
+
+    def __init__(self, n: int, b: Batching, rank: int, seed: int) -> None:
+        self.n, self.b, self.rank, self.seed = n, b, rank, seed
         self.epoch = 0
+        self.skip_samples = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def indices(self) -> torch.Tensor:
-        return shard_indices(self.n, self.world_size, self.rank, self.seed, self.epoch)
+        skip, self.skip_samples = self.skip_samples, 0
+        return step_order(self.n, self.b, self.rank, self.seed, self.epoch)[skip:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.world_size)
+        return rank_samples(self.n, self.b)
 
 
 class ResidentBatches:
     """Training batches from a split kept on the device, in the sampler's order (gathered per batch on the CPU,
-    per epoch on a GPU)."""
+    per epoch on a GPU). One item is one optimizer step's samples of this rank: batch_size x accumulation, its
+    micro-batches one after the other (``micro_batches`` splits it)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, sampler: EpochOrder,
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, b: Batching, sampler: EpochOrder,
                  device: torch.device) -> None:
         self.images = to_float(images).to(device)
         self.labels = labels.to(device)
-        self.batch_size = batch_size
+        self.batch_size = b.step_batch
         self.sampler = sampler  # Lightning calls sampler.set_epoch(epoch) on it, as on a DataLoader's
-        self.start_step = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def skip(self, steps: int) -> None:
-        """Start the next pass `steps` batches into the epoch (resume mid-epoch)."""
-        self.start_step = steps
+        """Start the next pass `steps` optimizer steps into the epoch (resume mid-epoch)."""
+        self.sampler.skip_samples = steps * self.batch_size
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        idx = self.sampler.indices().to(self.images.device)
-        start, self.start_step = self.start_step * self.batch_size, 0
-        idx, bs = idx[start:], self.batch_size
+        idx, bs = self.sampler.indices().to(self.images.device), self.batch_size
         if self.images.device.type == "cpu":
             # per batch on the CPU: 938 gathers of 64 images take ~20 ms an epoch, one gather of the whole epoch
             # ~70 ms (a 188 MB copy through memory)
@@ -532,6 +574,30 @@ class ResidentBatches:
         x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
         for i in range(0, x.shape[0], bs):
             yield x[i : i + bs], y[i : i + bs]
+
+
+def micro_batches(x: torch.Tensor, y: torch.Tensor, accumulate: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step's samples of a rank -> its `accumulate` micro-batches (contiguous slices; sizes as
+    ``step_order`` lists them)."""
+    if accumulate == 1:
+        return [(x, y)]
+    return list(zip(x.tensor_split(accumulate), y.tensor_split(accumulate), strict=True))
+
+
+class MicroBatches:
+    """The step batches as micro-batches, for a loop that accumulates itself (the Lightning Trainer's
+    ``accumulate_grad_batches``); ``sampler`` and ``skip`` (in optimizer steps) are the step batches'."""
+
+    def __init__(self, steps, accumulate: int) -> None:
+        self.steps, self.accumulate = steps, accumulate
+        self.sampler = steps.sampler
+
+    def __len__(self) -> int:
+        return len(self.steps) * self.accumulate
+
+    def __iter__(self):
+        for x, y in self.steps:
+            yield from micro_batches(x, y, self.accumulate)
 
 
 class ImageSet(Dataset):
@@ -547,33 +613,18 @@ class ImageSet(Dataset):
         return self.images[i].unsqueeze(0).to(torch.float32).div(255), self.labels[i]
 
 
-class SkippingSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through (resume mid-epoch)."""
-
-    skip_samples = 0
-
-    def __iter__(self):
-        it = super().__iter__()
-        skip, self.skip_samples = self.skip_samples, 0
-        for _ in range(skip):
-            next(it, None)
-        return it
-
-
 class LoaderBatches:
-    """The classic path: DataLoader + DistributedSampler, with ``set_epoch`` each epoch."""
+    """The classic path: DataLoader over the map-style set with the sampler's order (DistributedSampler's, see
+    ``step_order``), ``set_epoch`` each epoch. One item is one optimizer step's samples of this rank."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, env: dist.DistEnv,
-                 seed: int) -> None:
-        self.sampler = SkippingSampler(
-            ImageSet(images, labels), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed,
-            drop_last=False,
-        )
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig, b: Batching, rank: int,
+                 seed: int, device: torch.device) -> None:
+        self.sampler = EpochOrder(len(labels), b, rank, seed)
         self.loader = DataLoader(
-            self.sampler.dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
-            pin_memory=env.device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=False,
+            ImageSet(images, labels), batch_size=b.step_batch, sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0, drop_last=False,
         )
-        self.batch_size = cfg.batch_size
+        self.batch_size = b.step_batch
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -582,18 +633,19 @@ class LoaderBatches:
         self.sampler.skip_samples = steps * self.batch_size
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
         return iter(self.loader)
 
 
 def train_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """This rank's training batches, one item per optimizer step (``micro_batches`` splits one)."""
     images, labels = split if split is not None else load_split(cfg.data, train=True)
+    b = batching(cfg, env.world_size)
     if cfg.data.loader == "resident":
-        order = EpochOrder(len(labels), env.world_size, env.rank, cfg.seed)
-        return ResidentBatches(images, labels, cfg.data.batch_size, order, env.device)
-    return LoaderBatches(images, labels, cfg.data, env, cfg.seed)
+        return ResidentBatches(images, labels, b, EpochOrder(len(labels), b, env.rank, cfg.seed), env.device)
+    return LoaderBatches(images, labels, cfg.data, b, env.rank, cfg.seed, env.device)
 
 
 class EvalBatches:

@@ -17,6 +17,7 @@ USAGE_EXIT = 2
 RANK_LOST_EXIT = 1
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run the same command to resume
 DIVERGED_EXIT = 3  # the loss or the weights became non-finite: stopped before writing them (no model.pt)
+STARTUP_EXIT = 69  # EX_UNAVAILABLE: not every process reached the process group within dist.startup_timeout_s
 
 
 class DistMnistError(Exception):
@@ -26,6 +27,12 @@ class DistMnistError(Exception):
 class AgreedError(DistMnistError):
     """A DistMnistError every rank raises with the same message, after agreeing on it: rank 0 alone prints it
     (the others exit 2 quietly), so a job reports it once rather than once per rank."""
+
+
+class StartupIncomplete(Exception):
+    """Not every process reached the process group within dist.startup_timeout_s; the message names the missing
+    ranks (and nodes, where the launcher tells) and what to check. Not a usage error: the same command may work
+    once the missing node is up (exit 69, EX_UNAVAILABLE)."""
 
 
 class Stopped(Exception):
@@ -67,12 +74,15 @@ def process_rank() -> int:
 
 def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75, a
-    Diverged exit 3; a collective that lost its peers exit 1."""
+    Diverged exit 3; a collective that lost its peers exit 1; a start-up that not every process reached exit 69."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
             return main(*args, **kwargs) or 0
+        except StartupIncomplete as err:  # every process that came says it: the missing ones may say nothing
+            print(f"distmnist: error: {err}", file=sys.stderr, flush=True)
+            return STARTUP_EXIT
         except DistMnistError as err:
             if not isinstance(err, AgreedError) or process_rank() == 0:
                 message = " ".join(str(err).split())

@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from distmnist.core import dist
+from distmnist.core import dist, parallel
 from distmnist.core.model import NUM_CLASSES
 
 
@@ -79,11 +79,12 @@ def evaluate(
     """The test set through `model` (the plain NNModel, not its DDP wrapper: no collectives per batch)."""
     was_training = model.training
     model.eval()
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            logits = model(x)
-        metrics.update(logits, y, x)
+    with parallel.gathered(model):  # FSDP: the weights gathered once, not per batch (ranks' batch counts differ)
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits = model(x)
+            metrics.update(logits, y, x)
     model.train(was_training)
     return metrics.compute()
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distmnist.core import checkpoint, config, tblog
+from distmnist.core import checkpoint, config, parallel, tblog
 from distmnist.core.data import CLASS_NAMES
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
@@ -23,6 +23,7 @@ from distmnist.core.state import TrainState
 class Records:
     def __init__(self, run: RunDir) -> None:
         self.run, self.cfg, self.env, self.strategy = run, run.cfg, run.env, run.strategy
+        self.batching = run.batching
         self.tb = tblog.TBLog(None)
         self.history: list[dict[str, Any]] = []
         self.elapsed_before = 0.0  # seconds of earlier runs of this run dir (resume)
@@ -30,6 +31,7 @@ class Records:
         self.epoch_started = self.started
         self._last_log = (self.started, 0)
         self.bar: tqdm | None = None
+        self.watched: tuple[int, torch.optim.Optimizer] | None = None
 
     def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
         """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
@@ -57,11 +59,18 @@ class Records:
         state.epoch_train_s = self.epoch_seconds() if state.step_in_epoch else 0.0
         return self.run.meta(state, self.history)
 
+    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """The model and optimizer whose per-rank memory (parameters + gradients + optimizer state) each epoch's
+        record reports (core.parallel.state_mb): what FSDP saves over DDP. The parameters are counted now, while
+        sharded (an evaluation gathers them)."""
+        self.watched = (parallel.param_bytes(model), optimizer)
+
     # ------------------------------------------------------------------------------------------ clock
     def begin_training(self, state: TrainState) -> None:
         """Just before the first training step: wall_s (records, time to accuracy) counts from here, not from
         the process start (imports, data loading, process group and Lightning setup are left out)."""
         self.started = time.perf_counter()
+        state.global_batch = self.batching.global_batch  # the same as the checkpoint's (run.py checks)
         self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
         if state.epoch >= self.cfg.train.epochs:
             self.say(f"{self.run.path} already holds {state.epoch} epochs; raise train.epochs to train more",
@@ -111,7 +120,7 @@ class Records:
         now = time.perf_counter()
         last_time, last_step = self._last_log
         self._last_log = (now, global_step)
-        rate = (global_step - last_step) * self.cfg.data.batch_size * self.env.world_size / max(now - last_time, 1e-9)
+        rate = (global_step - last_step) * self.batching.global_batch / max(now - last_time, 1e-9)
         if self.bar is not None:
             self.bar.set_postfix(step=global_step, loss=f"{value:.4f}", **{"samples/s": f"{rate:,.0f}"}, refresh=False)
         return {"loss": value, "samples/s": rate}
@@ -130,6 +139,8 @@ class Records:
             "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
             "wall_s": self.elapsed(),
         }
+        if self.watched is not None:
+            record.update(parallel.state_mb(*self.watched))  # this rank's (rank 0's in the record)
         if self.env.device.type == "cuda":
             record["peak_mem_mb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**20
         self.history.append(record)
@@ -140,7 +151,8 @@ class Records:
                 f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
                 f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
                 f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
-                f"{train_s:.2f} s"
+                f"{train_s:.2f} s" + (f" state {record['state_mb']:.2f} MB/rank" if "state_mb" in record else "")
+                + (f" peak {record['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in record else "")
             )
         return record
 
@@ -155,10 +167,12 @@ class Records:
             "num_nodes": self.env.num_nodes,
             "device": self.env.device.type,
             "precision": self.cfg.train.precision,
+            "parallel": self.cfg.train.parallel,
             "dataset": self.cfg.data.name,
             "loader": self.cfg.data.loader,
             "batch_size": self.cfg.data.batch_size,
-            "global_batch_size": self.cfg.data.batch_size * self.env.world_size,
+            "accumulate_grad_batches": self.batching.accumulate,
+            "global_batch_size": self.batching.global_batch,
             "epochs": len(self.history),
             "global_step": global_step,
             "val_acc": last.get("val_acc"),
@@ -167,6 +181,7 @@ class Records:
             "train_loss": last.get("train_loss"),
             "train_acc": last.get("train_acc"),
             "train_samples_per_sec": samples / train_s if train_s > 0 else None,
+            **{k: last[k] for k in ("param_mb", "grad_mb", "optim_mb", "state_mb", "peak_mem_mb") if k in last},
             "wall_s": self.elapsed(),
             "status": "done",
             "history": self.history,
@@ -182,8 +197,8 @@ class Records:
     def finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
         """model.pt and metrics.json, written by rank 0."""
         summary = self.summary(state.global_step)
+        weights = parallel.full_state_dict(model)  # FSDP: gathered once, here (a collective), onto rank 0
         if self.env.is_zero:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             checkpoint.atomic_torch_save(weights, self.run.model_pt)
             checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
             self.say(

@@ -30,6 +30,9 @@ OWNER = re.compile(r"^# distmnist run: strategy=(\w+)")
 class RunDir:
     def __init__(self, cfg: Config, strategy: str, env: DistEnv) -> None:
         self.cfg, self.strategy, self.env = cfg, strategy, env
+        # batch x processes x accumulation = data.global_batch_size, or one line saying what to change (before
+        # anything is written)
+        self.batching = config.batching(cfg, env.world_size)
         self.path = cfg.run_dir(strategy)
         self.config_yaml = self.path / "config.yaml"
         self.tb_dir = self.path / "tb"
@@ -103,10 +106,14 @@ class RunDir:
         return {
             "format": checkpoint.FORMAT,
             "strategy": self.strategy,
+            "parallel": self.cfg.train.parallel,
             "world_size": self.env.world_size,
+            "batch_size": self.batching.batch_size,
+            "accumulate_grad_batches": self.batching.accumulate,
             "trajectory": config.trajectory(self.cfg),
             "history": list(history),
             **state.state_dict(),
+            "global_batch": self.batching.global_batch,
         }
 
     def check_checkpoint(self, obj: dict[str, Any], path: Path) -> None:
@@ -118,6 +125,13 @@ class RunDir:
                 f"{path} was written by the {meta.get('strategy')} strategy; use another run.dir for "
                 f"{self.strategy}"
             )
+        theirs_parallel = meta.get("parallel", "ddp")  # checkpoints from before train.parallel are DDP's
+        if theirs_parallel != self.cfg.train.parallel:
+            raise DistMnistError(
+                f"run.dir {self.path} holds train.parallel={theirs_parallel} checkpoints ({path.name}) and this run "
+                f"has train.parallel={self.cfg.train.parallel}; resume it with train.parallel={theirs_parallel} or "
+                f"choose a new run.dir"
+            )
         mine = config.trajectory(self.cfg)
         theirs = meta.get("trajectory", {})
         changed = [f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
@@ -127,11 +141,30 @@ class RunDir:
                 f"its own config ({self.config_yaml}) or choose a new run.dir"
             )
         self.check_model_state(obj, path)
-        if meta.get("world_size") != self.env.world_size:  # every rank: all of them stop with this line
+        self.check_batching(meta)
+
+    def check_batching(self, meta: dict[str, Any]) -> None:
+        """The same global batch, and another number of processes only where the order does not depend on it
+        (data.global_batch_size set: every step takes P[kG:(k+1)G] of the padded epoch). On every rank: all of
+        them stop with the same line."""
+        theirs_w = meta.get("world_size")
+        theirs_g = meta.get("global_batch")  # checkpoints from before it was recorded: batch x processes
+        if theirs_g is None and isinstance(theirs_w, int):
+            theirs_g = meta.get("trajectory", {}).get("data.batch_size", 0) * theirs_w
+        mine = self.batching
+        if theirs_w != self.env.world_size and not mine.fixed:
             raise DistMnistError(
-                f"run.dir {self.path} was written by {meta.get('world_size')} processes and this job has "
-                f"{self.env.world_size}: resume it with {meta.get('world_size')} (the global batch, data order and "
-                f"schedule would change otherwise), or choose a new run.dir"
+                f"run.dir {self.path} was written by {theirs_w} processes and this job has {self.env.world_size}: "
+                f"the run was started without data.global_batch_size, so its order of samples depends on the number "
+                f"of processes; resume it with {theirs_w}, or start a new run.dir with data.global_batch_size set"
+            )
+        if theirs_g != mine.global_batch:
+            fix = (f"data.global_batch_size={theirs_g}" if mine.fixed else
+                   f"{theirs_w} processes x data.batch_size x train.accumulate_grad_batches = {theirs_g}")
+            raise DistMnistError(
+                f"run.dir {self.path} holds a run with another config (global batch: {theirs_g} -> "
+                f"{mine.global_batch} with {self.env.world_size} processes x data.batch_size={mine.batch_size} x "
+                f"train.accumulate_grad_batches={mine.accumulate}); resume it with {fix}, or choose a new run.dir"
             )
 
     def check_model_state(self, obj: dict[str, Any], path: Path) -> None:

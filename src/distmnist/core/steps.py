@@ -4,7 +4,10 @@ A strategy supplies ``forward_backward(x, y) -> (logits, loss)`` (autocast, loss
 ``optimizer_step()`` (optimizer + GradScaler; a no-op for the Lightning Trainer, whose own optimizer step follows
 ``training_step``). :class:`StepRunner` composes them:
 
-* eager: ``zero_grad(set_to_none=True)``, forward/backward, training tally, optimizer step;
+* eager: ``zero_grad(set_to_none=True)``, forward/backward, training tally, optimizer step; with
+  ``train.accumulate_grad_batches`` A > 1 the step's batch (a rank's batch_size x A samples, see
+  ``data.step_order``) is cut into A micro-batches, each forward/backward (the strategy scales its loss by 1/A)
+  and tallied, the first A - 1 inside ``no_sync`` (no gradient all-reduce), then one optimizer step;
 * captured (``train.cuda_graphs``, CUDA, one process): the first ``WARMUP_STEPS`` steps run eagerly on a side
   stream (lazy CUDA/cuBLAS/optimizer-state initialisation), then forward, loss, backward and the tally update are
   captured once into a CUDA graph and replayed for every full-size batch. The gradients the graph writes live at
@@ -19,10 +22,12 @@ and bucket settings this package does not pin down (see README, Performance).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from distmnist.core.config import Config
+from distmnist.core.config import Config, batching
+from distmnist.core.data import micro_batches
 from distmnist.core.dist import DistEnv
 from distmnist.core.metrics import TrainTally
 
@@ -30,8 +35,13 @@ WARMUP_STEPS = 3
 
 
 def capture_applies(cfg: Config, env: DistEnv) -> bool:
-    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process."""
-    return cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1
+    """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process, DDP (FSDP's
+    all-gathers and its hooks are not captured), no gradient accumulation."""
+    one_batch = batching(cfg, env.world_size).accumulate == 1
+    return (
+        cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1 and cfg.train.parallel == "ddp"
+        and one_batch
+    )
 
 
 def parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -55,8 +65,11 @@ class StepRunner:
         optimizer: torch.optim.Optimizer,
         tally: TrainTally,
         capture: bool,
+        accumulate: int = 1,
+        no_sync: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
         self.forward_backward, self.optimizer_step = forward_backward, optimizer_step
+        self.accumulate, self.no_sync = accumulate, no_sync  # no_sync: no gradient all-reduce inside it
         self.params = parameters(optimizer)
         self.grads: list[torch.Tensor] = []  # the graph's gradient buffers, once captured
         self.tally = tally
@@ -88,12 +101,15 @@ class StepRunner:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # with a graph, its gradient buffers must stay where they are: zeroed in place (0 + g == g exactly)
         zero_grad(self.params, set_to_none=self.graph is None)
-        logits, loss = self.forward_backward(x, y)
+        micro = micro_batches(x, y, self.accumulate)
+        for i, (xm, ym) in enumerate(micro):
+            with self.no_sync() if i < len(micro) - 1 else nullcontext():  # the last one all-reduces
+                logits, loss = self.forward_backward(xm, ym)
+            self.tally.update(logits, ym, loss)
         for p, g in zip(self.params, self.grads, strict=False):
             if p.grad is not g:  # autograd handed over a new tensor: back into the graph's buffer
                 g.copy_(p.grad)
                 p.grad = g
-        self.tally.update(logits, y, loss)
         self.optimizer_step()
         return loss
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distmnist.core import dist
+from distmnist.core import dist, parallel
 from distmnist.core.config import Config
 from distmnist.core.errors import Diverged, Stopped
 from distmnist.core.metrics import TrainTally
@@ -114,8 +114,7 @@ class CheckpointCadence:
     def check_finite(self, state: TrainState, model: torch.nn.Module) -> None:
         """Before a checkpoint is written, on every rank (`state.tally`: the epoch's sums reduced over the ranks;
         the weights are the same on every rank): stop if either is not finite."""
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        if not bool(finite):
+        if not parallel.all_finite(model):
             self.diverged(state, state.tally, "the weights")
         if state.tally and not math.isfinite(state.tally[0]):
             self.diverged(state, state.tally, "the training loss")

@@ -5,13 +5,16 @@ precision and recipe.
     distmnist bench --accelerator cuda --precision bf16-mixed
     distmnist bench --world-size 2 --strategies ddp,fabric --loaders resident
     distmnist bench --time-to-acc 0.88 -c fast --world-size 2     # seconds until val_acc first reaches 88%
+    distmnist bench --world-size 2 --parallel ddp,fsdp               # each strategy replicated and sharded
 
 Rows:
 * ``tutorial``: the PyTorch quickstart loop -- torchvision dataset + ``ToTensor`` + ``DataLoader`` (no workers),
   forward / loss / backward / step / zero_grad, ``loss.item()`` every 100 batches; the baseline of the ratios;
 * ``tutorial-lightning``: the Lightning introduction -- a LightningModule with ``self.log`` of the loss every step,
   the same DataLoader, a default ``Trainer`` (progress bar, logger, checkpointing);
-* each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several).
+* each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several);
+  with ``--parallel ddp,fsdp`` each strategy also sharded (rows ``<strategy>-fsdp/<loader>``, ``train.parallel=fsdp``).
+  MB/rank: parameters + gradients + optimizer state held by each process (metrics.json's ``state_mb``).
 
 Every run trains ``--warmup-epochs`` (default 1) more epochs than ``--epochs``; the warm-up epochs (CUDA and
 allocator initialisation, graph capture, DataLoader start) are excluded. s/epoch is the median of the timed
@@ -39,14 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from distmnist.core import data
-from distmnist.core.config import STRATEGIES, Config, load_config
+from distmnist.core.config import PARALLEL, STRATEGIES, Config, load_config
 from distmnist.core.dist import pick_device
 from distmnist.core.errors import DistMnistError, report_errors
 from distmnist.core.model import build_model, build_optimizer
 from distmnist.tools.table import text_table
 
-COLUMNS = ("row", "strategy", "loader", "world_size", "precision", "device", "s_per_epoch", "samples_per_sec",
-           "x_tutorial", "x_tutorial_lightning", "val_acc")
+COLUMNS = ("row", "strategy", "parallel", "loader", "world_size", "precision", "device", "s_per_epoch",
+           "samples_per_sec", "x_tutorial", "x_tutorial_lightning", "val_acc", "state_mb")
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -169,12 +172,13 @@ def timing(times: list[float], samples: int) -> dict:
     return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "epoch_s": times}
 
 
-def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir: Path) -> dict:
-    """One strategy with one loader: its timed epochs, as a baseline function returns them."""
-    metrics = run_strategy(strategy, [*cfg_args, f"data.loader={loader}"], args.world_size, run_dir, args.timeout)
+def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir: Path, parallel: str = "ddp") -> dict:
+    """One strategy with one loader (replicated or sharded): its timed epochs, as a baseline function returns them."""
+    cfg_args = [*cfg_args, f"data.loader={loader}", f"train.parallel={parallel}"]
+    metrics = run_strategy(strategy, cfg_args, args.world_size, run_dir, args.timeout)
     timed = metrics["history"][args.warmup_epochs:]
     return {"times": [h["epoch_s"] for h in timed], "samples": timed[0]["train_samples"],
-            "val_acc": metrics["val_acc"], "device": metrics["device"]}
+            "val_acc": metrics["val_acc"], "device": metrics["device"], "state_mb": metrics.get("state_mb")}
 
 
 def quiet(baseline: Callable[[Config, int, int], dict], cfg: Config, args) -> dict:
@@ -214,6 +218,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--accelerator", help="default: the config's")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--loaders", default="resident,dataloader")
+    p.add_argument("--parallel", default="ddp", help="ddp | fsdp | ddp,fsdp: train.parallel of the strategy rows")
     p.add_argument("--baselines", default="tutorial,tutorial-lightning")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--time-to-acc", type=float, help="report seconds until val_acc first reaches this")
@@ -238,12 +243,12 @@ def bench_config(args) -> tuple[Config, list[str]]:
 
 def format_table(rows: list[dict]) -> str:
     head = ["row", "world", "precision", "device", "s/epoch", "(min-max)", "samples/s", "x tutorial",
-            "x tut-Lightning", "val_acc"]
+            "x tut-Lightning", "val_acc", "MB/rank"]
     return text_table(head, [[
         r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
         f"({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f})",
         f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
-        f"{r['val_acc']:.4f}",
+        f"{r['val_acc']:.4f}", "" if r.get("state_mb") is None else f"{r['state_mb']:.2f}",
     ] for r in rows], left=1)
 
 
@@ -299,10 +304,14 @@ def main(argv: list[str] | None = None) -> int:
         if name not in baselines:
             raise DistMnistError(f"bench: unknown baseline {name!r}; choose from {', '.join(baselines)}")
         jobs.append((name, name, "torchvision", 1, lambda tmp, f=baselines[name]: quiet(f, cfg, args)))
-    for strategy in filter(None, args.strategies.split(",")):
-        for loader in filter(None, args.loaders.split(",")):
-            jobs.append((f"{strategy}/{loader}", strategy, loader, args.world_size,
-                         lambda tmp, s=strategy, lo=loader: strategy_run(s, lo, cfg_args, args, tmp)))
+    for parallel in filter(None, args.parallel.split(",")):
+        if parallel not in PARALLEL:
+            raise DistMnistError(f"bench: unknown --parallel {parallel!r}; choose from {', '.join(PARALLEL)}")
+        for strategy in filter(None, args.strategies.split(",")):
+            for loader in filter(None, args.loaders.split(",")):
+                name = strategy if parallel == "ddp" else f"{strategy}-{parallel}"
+                jobs.append((f"{name}/{loader}", strategy, loader, args.world_size,
+                             lambda tmp, s=strategy, lo=loader, pa=parallel: strategy_run(s, lo, cfg_args, args, tmp, pa)))
     results: dict[str, list[dict]] = {job[0]: [] for job in jobs}
     with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
         for round_ in range(args.repeats):  # rounds interleave the rows: a slow spell of the machine hits them all
@@ -314,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     for row, strategy, loader, world_size, _ in jobs:
         runs = results[row]
         rows.append({"row": row, "strategy": strategy, "loader": loader, "world_size": world_size, **common,
+                     "parallel": "fsdp" if "-fsdp/" in row else ("ddp" if "/" in row else None),
                      "device": runs[0]["device"], **timing([t for r in runs for t in r["times"]], runs[0]["samples"]),
-                     "val_acc": runs[-1]["val_acc"]})
+                     "val_acc": runs[-1]["val_acc"], "state_mb": runs[-1].get("state_mb")})
     base = {r["row"]: r["samples_per_sec"] for r in rows if r["row"] in baselines}
     for r in rows:
         r["x_tutorial"] = r["samples_per_sec"] / base["tutorial"] if "tutorial" in base else None

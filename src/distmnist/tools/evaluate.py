@@ -24,7 +24,7 @@ from distmnist.core.precision import autocast_factory
 def evaluate_model(model_path: str | Path, cfg: Config, out: str | Path | None = None) -> dict:
     model = load_model(model_path)
     env = dist.read_env(cfg.train.accelerator)
-    with dist.process_group(env, cfg.dist.timeout_s):
+    with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         data.ensure_available(cfg.data, env)
         model.to(env.device)
         result = evaluate(

@@ -4,8 +4,8 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
 - `sbatch --nodes=2 slurm/train.sh` for the three strategies (Trainer: one SLURM task per process; ddp/Fabric: one
   torchrun per node), 2 CPU processes per node: ranks on both hostnames, num_nodes 2, world size 4; each job gets
   SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
-  to one node with 4 processes resumed from the same step (and within 1e-5 of the uninterrupted run: a resume at 4
-  processes is not exact on one node either, the xfail test says why);
+  to one node with 4 processes resumed from the same step and to the uninterrupted run (a gradient bucket per
+  parameter: core/dist.ddp_kwargs);
 - `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
   bit-identical to the same one-node run;
 - a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time
@@ -200,8 +200,7 @@ def stopped_at(job: Job) -> int:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, reference, resumed_reference,
-                                                                    strategy):
+def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, resumed_reference, strategy):
     """Stopped by SIGUSR1 at step S on two nodes, requeued, resumed on two nodes: the same weights as one node with 4
     processes resumed from the same step S (see the next test for the uninterrupted run)."""
     job = sbatch_jobs[strategy]
@@ -216,14 +215,8 @@ def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, 
     assert set(ranks_by_host(before)) == set(ranks_by_host(after)) == {"node1", "node2"}, log
     assert same_weights(weights(job.run_dir), weights(resumed_reference(step))), \
         "two nodes, interrupted and requeued, differ from one node with 4 processes resumed at the same step"
-    assert max_diff(weights(job.run_dir), weights(reference)) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="resume at world size 4 is not bit-identical to the uninterrupted run, on one "
-                   "node too (max |diff| 1.5e-7 after 200 steps of this test with 12800 samples; exact at world size 2): the first step after a resume "
-                   "is likely all-reduced with DDP's initial bucket layout, the uninterrupted run's with the rebuilt "
-                   "one -- a sum of 4 in another order. Not a multi-node fault: remove this mark once core resume is "
-                   "exact at 4 processes")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sbatch_on_two_nodes_requeued_equals_the_uninterrupted_run(sbatch_jobs, reference, strategy):
@@ -413,9 +406,7 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(nod
     assert f"step={newer:08d}.ckpt" not in log, log[-5000:]
     m = metrics(run1)
     assert (m["num_nodes"], m["world_size"], m["global_step"]) == (2, 4, steps[-1]), m
-    # Tolerance, not bit-identity: a resume at 4 processes is 1.5e-7 off the uninterrupted run on one node too (see
-    # the xfail above). Ranks that resumed from different checkpoints would differ in momentum and data position
-    # from the first step on (or fall out of step in a collective and fail).
+    # Ranks that resumed from different checkpoints would differ in momentum and data position from the first step
+    # on (or fall out of step in a collective and fail).
     diff = max_diff(weights(run1), final)
-    print(f"node-local resume: max |diff| to the uninterrupted run {diff:.3g}")
-    assert diff < 1e-5, f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"
+    assert same_weights(weights(run1), final), f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"

@@ -39,7 +39,9 @@ def train(cfg: Config) -> dict:
     check_precision(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
-    strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto"
+    strategy = "auto"
+    if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
     plugins = [checkpoint.checkpoint_io(), dist.lightning_environment(env)]
     if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
         strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(

@@ -204,7 +204,9 @@ def train(cfg: Config) -> dict:
         found = run.agreed(found)
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)
-        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s)) if env.world_size > 1 else "auto"
+        strategy = "auto"
+        if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+            strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
         if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
             strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
                 data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)

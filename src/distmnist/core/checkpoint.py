@@ -74,14 +74,7 @@ def atomic_open(path: str | Path):
     except BaseException:
         _unlink_quietly(tmp)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def _unlink_quietly(path: str) -> None:
@@ -323,6 +316,7 @@ def save_sharded(path: str | Path, state: dict[str, Any]) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a directory (a rename in it is durable after this); where the file system cannot, nothing."""
     try:
         dfd = os.open(path, os.O_RDONLY)
         try:

@@ -66,3 +66,28 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_resumed_exactly(run_dir: Path, reference: Path, tolerance: float) -> float:
+    """A run resumed on another number of processes against the uninterrupted run (data.global_batch_size set):
+    the same global step, the same per-epoch epoch / global_step / train_samples / val_samples, the same learning
+    rate at every logged step, and weights within `tolerance`. Returns the largest absolute weight difference."""
+    import json
+
+    from distmnist.core import tblog
+
+    got, want = (json.loads((Path(d) / "metrics.json").read_text()) for d in (run_dir, reference))
+    assert got["global_step"] == want["global_step"], (got["global_step"], want["global_step"])
+    assert got["global_batch_size"] == want["global_batch_size"], (got["global_batch_size"], want["global_batch_size"])
+    for key in ("epoch", "global_step", "train_samples", "val_samples"):
+        assert [h[key] for h in got["history"]] == [h[key] for h in want["history"]], key
+    lrs = [tblog.read_scalars(Path(d) / "tb", tags=["lr"])["lr"] for d in (run_dir, reference)]
+    assert lrs[0] == lrs[1] and lrs[0], "the learning rates logged differ"
+    diff = max_abs_diff(weights(run_dir), weights(reference))
+    assert diff <= tolerance, f"max |weight difference| {diff:.3g} > {tolerance}"
+    return diff

@@ -27,7 +27,17 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import REPO, child_env, free_port, ok, same_weights, torchrun, weights
+from procs import (
+    REPO,
+    assert_resumed_exactly,
+    child_env,
+    free_port,
+    ok,
+    same_weights,
+    torchrun,
+    torchrun_cmd,
+    weights,
+)
 
 from distmnist.core import data as dm_data
 
@@ -99,13 +109,14 @@ def resumed_reference(reference, tmp_path_factory):
 class Job:
     """`sbatch --wait slurm/train.sh ...` submitted on node1, running in the background."""
 
-    def __init__(self, cluster, cwd: Path, opts, args, timeout: float):
+    def __init__(self, cluster, cwd: Path, opts, args, timeout: float, env: dict[str, str] | None = None):
         self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             ["timeout", str(int(timeout)),
              *cluster.on("node1", "sbatch", "--wait", "--parsable", *opts, TRAIN_SH, *args)],
-            cwd=cwd, env=cluster.env(child_env()), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=cwd, env=cluster.env(child_env(**(env or {}))), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )
         first = self.proc.stdout.readline().strip()
         if not first:
@@ -224,6 +235,75 @@ def test_sbatch_on_two_nodes_requeued_equals_the_uninterrupted_run(sbatch_jobs, 
     assert job.rc == 0, job.describe()
     diff = max_diff(weights(job.run_dir), weights(reference))
     assert same_weights(weights(job.run_dir), weights(reference)), f"max |diff| {diff:.3g}"
+
+
+# ------------------------------------------------------------------------------ two nodes, resubmitted on one
+# A fixed global batch of 128: 2 nodes x 2 processes x batch 32, then 1 node x 2 processes x batch 32 x
+# accumulation 2 (derived). Longer than COMMON (402 steps: 201 of 128 an epoch, the last one padded) so that the
+# stop lands well before the end, with its own uninterrupted reference; cosine, so the learning rate changes at
+# every step.
+ELASTIC = ("-c", "smoke", "data.train_samples=25610", "data.global_batch_size=128", "optim.schedule=cosine",
+           "checkpoint.every_n_steps=10", "dist.timeout_s=60")
+ELASTIC_STEPS = 2 * 201
+
+
+@pytest.fixture(scope="module")
+def resubmitted_on_one_node(two_node_cluster, tmp_path_factory):
+    """Raw DDP (one torchrun per node: the cheapest path), `sbatch --nodes=2`, world size 4, stopped by
+    `scancel --signal=USR1 --batch` after its first checkpoint; DISTMNIST_MAX_REQUEUES=0 so the job ends instead of
+    requeueing itself onto the same two nodes; the same run dir submitted again with `--nodes=1` (world size 2).
+    Meanwhile the uninterrupted run: torchrun on this machine, 4 processes (bit-identical to two nodes x 2, above)."""
+    tmp = tmp_path_factory.mktemp("resubmit")
+    run_dir, ref_dir = tmp / "runs" / "g128", tmp / "reference"
+    args = ("--strategy", "ddp", *ELASTIC, f"run.dir={run_dir}")
+    ref = subprocess.Popen(torchrun_cmd("distmnist.ddp", *ELASTIC, f"run.dir={ref_dir}", nproc=4), cwd=tmp,
+                           env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = Job(two_node_cluster, tmp, SBATCH["ddp"], args, timeout=240, env={"DISTMNIST_MAX_REQUEUES": "0"})
+    second = None
+    try:
+        deadline = time.monotonic() + 180
+        while not any((run_dir / "checkpoints").glob("step=*.ckpt")):
+            assert first.proc.poll() is None and time.monotonic() < deadline, first.describe()
+            time.sleep(0.05)
+        first.scontrol("scancel", "--signal=USR1", "--batch", str(first.id))
+        first.wait()
+        second = Job(two_node_cluster, tmp, ("--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"), args,
+                     timeout=240)
+        second.wait()
+        ref_out = ref.communicate(timeout=240)[0]
+        print(f"2 nodes until SIGUSR1: {first.elapsed:.1f} s; resubmitted on 1 node: {second.elapsed:.1f} s")
+        assert ref.returncode == 0, ref_out[-5000:]
+        yield first, second, run_dir, ref_dir
+    finally:
+        for job in (first, second):
+            if job is not None:
+                job.cancel()
+        if ref.poll() is None:
+            ref.kill()
+
+
+@pytest.mark.timeout(600)
+def test_a_two_node_job_resubmitted_on_one_node_resumes_exactly(resubmitted_on_one_node):
+    first, second, run_dir, ref_dir = resubmitted_on_one_node
+    log = first.log
+    assert f"strategy=ddp nodes=2 processes=4 (2 per node, CPU, gloo) run.dir={run_dir} restart=0" in log, log
+    assert ranks_by_host(log) == {"node1": {0, 1}, "node2": {2, 3}}, log
+    step = stopped_at(first)
+    assert 0 < step < ELASTIC_STEPS, f"stopped at step {step}: the run was too short to be interrupted"
+    assert first.rc not in (0, None) and "requeued job" not in log, first.describe()
+    assert f"not requeueing; resubmit with run.dir={run_dir} to resume" in log, log
+    log = second.log
+    assert second.rc == 0, second.describe()
+    assert f"strategy=ddp nodes=1 processes=2 (2 per node, CPU, gloo) run.dir={run_dir} restart=0" in log, log
+    ranks = {(int(rank), host) for rank, world, host, *_ in RANK_LINE.findall(log) if world == "2"}
+    assert {rank for rank, _ in ranks} == {0, 1} and len({host for _, host in ranks}) == 1, log
+    assert f"resuming from {run_dir}/checkpoints/step={step:08d}.ckpt" in log, log
+    m = metrics(run_dir)
+    assert (m["num_nodes"], m["world_size"], m["accumulate_grad_batches"], m["global_batch_size"]) == (1, 2, 2, 128), m
+    assert [h["train_samples"] for h in m["history"]] == [201 * 128] * 2, m["history"]  # padded alike at any W
+    diff = assert_resumed_exactly(run_dir, ref_dir, tolerance=1e-5)
+    print(f"stopped at step {step} of {ELASTIC_STEPS} on 2 nodes x 2 processes, resumed on 1 node x 2 x accumulation "
+          f"2: max abs weight difference vs the uninterrupted 4-process run {diff:.3g}")
 
 
 # --------------------------------------------------------------------------------------- two-host torchrun

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import REPO, child_env, same_weights, weights
+from procs import REPO, assert_resumed_exactly, child_env, same_weights, torchrun_cmd, weights
 
 from distmnist.core import tblog
 
@@ -232,6 +232,75 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identically(requeued_jobs, st
     m = metrics(job.run_dir)
     assert (m["strategy"], m["world_size"], m["epochs"], m["global_step"]) == (strategy, 2, 2, LONG_STEPS), m
     assert same_weights(weights(job.run_dir), weights(ref_dir)), "resumed model.pt differs from an uninterrupted run"
+
+
+# ------------------------------------------------------------------------- resubmitted with another process count
+# A fixed global batch of 64: 2 processes x batch 32, then 1 process x batch 32 x accumulation 2 (derived).
+# 24010 samples: 376 steps of 64 an epoch (the last one padded); cosine, so the learning rate changes at every step.
+ELASTIC = ("-c", "smoke", "data.train_samples=24010", "data.global_batch_size=64", "optim.schedule=cosine",
+           "checkpoint.every_n_steps=20", "dist.timeout_s=60")
+ELASTIC_STEPS = 2 * 376
+
+
+@pytest.fixture(scope="module")
+def resubmitted(slurm_cluster, tmp_path_factory):
+    """Raw DDP (torchrun under srun: the cheapest path, no Lightning import), 2 processes, stopped by
+    `scancel --signal=USR1 --batch` after its first checkpoint; DISTMNIST_MAX_REQUEUES=0 so the job ends instead of
+    requeueing itself (a requeue keeps the job's process count), and the same run dir is submitted again as a new
+    job with 1 process (DISTMNIST_NPROC_PER_NODE=1). Meanwhile an uninterrupted 2-process run of the same config."""
+    tmp = tmp_path_factory.mktemp("resubmit")
+    run_dir, ref_dir = tmp / "runs" / "g64", tmp / "reference"
+    args = ("--strategy", "ddp", *ELASTIC, f"run.dir={run_dir}")
+    first = Job(slurm_cluster, tmp, CPU_JOB["ddp"], args, timeout=200, env_extra={"DISTMNIST_MAX_REQUEUES": "0"})
+    second = ref = None
+    try:
+        deadline = time.monotonic() + 150
+        while not any((run_dir / "checkpoints").glob("step=*.ckpt")):
+            assert first.proc.poll() is None and time.monotonic() < deadline, first.describe()
+            time.sleep(0.05)
+        subprocess.run(["scancel", "--signal=USR1", "--batch", str(first.id)], env=slurm_cluster.env(), check=True,
+                       timeout=30)
+        ref = subprocess.Popen(torchrun_cmd("distmnist.ddp", *ELASTIC, f"run.dir={ref_dir}", nproc=2), cwd=tmp,
+                               env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first.wait()
+        second = Job(slurm_cluster, tmp, ("--gpus-per-node=0", "--cpus-per-task=1"), args, timeout=200,
+                     env_extra={"DISTMNIST_NPROC_PER_NODE": "1"})
+        second.wait()
+        ref_out = ref.communicate(timeout=200)[0]
+        print(f"2 processes until SIGUSR1: {first.elapsed:.1f} s; resubmitted with 1: {second.elapsed:.1f} s")
+        assert ref.returncode == 0, ref_out[-5000:]
+        yield first, second, run_dir, ref_dir
+    finally:
+        for job in (first, second):
+            if job is not None:
+                job.cancel()
+        if ref is not None and ref.poll() is None:
+            ref.kill()
+
+
+@pytest.mark.timeout(300)
+def test_a_run_stopped_with_2_processes_resubmitted_with_1_resumes_exactly(resubmitted):
+    first, second, run_dir, ref_dir = resubmitted
+    log = first.log
+    assert f"strategy=ddp nodes=1 processes=2 (2 per node, CPU, gloo) run.dir={run_dir} restart=0" in log, log
+    stop = re.search(r"distmnist: stopped by SIGUSR1 at step (\d+)", log)
+    assert stop, f"the job was not stopped by the signal\n{first.describe()}"
+    step = int(stop.group(1))
+    assert 0 < step < ELASTIC_STEPS, f"stopped at step {step}: the run was too short to be interrupted"
+    assert first.rc not in (0, None) and "requeued job" not in log, first.describe()
+    assert f"not requeueing; resubmit with run.dir={run_dir} to resume" in log, log
+    log = second.log
+    assert second.rc == 0, second.describe()
+    assert f"strategy=ddp nodes=1 processes=1 (1 per node, CPU, gloo) run.dir={run_dir} restart=0" in log, log
+    assert f"resuming from {run_dir}/checkpoints/step={step:08d}.ckpt" in log, log
+    m = metrics(run_dir)
+    assert (m["world_size"], m["batch_size"], m["accumulate_grad_batches"], m["global_batch_size"]) == (1, 32, 2, 64), m
+    assert [h["train_samples"] for h in m["history"]] == [376 * 64] * 2, m["history"]  # padded alike at any W
+    diff = assert_resumed_exactly(run_dir, ref_dir, tolerance=1e-5)
+    print(f"stopped at step {step} of {ELASTIC_STEPS} with 2 processes, resumed with 1 x accumulation 2: "
+          f"max abs weight difference vs the uninterrupted 2-process run {diff:.3g}")
+    # micro-batch m of the one process takes what rank m took, in the same order (test_elastic): bit for bit
+    assert diff == 0.0, diff
 
 
 # ---------------------------------------------------------------------------------------------------- mistakes

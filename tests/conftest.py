@@ -25,6 +25,10 @@ class SlurmCluster:
         env["PATH"] = env.get("PATH", "") + ":/usr/sbin:/sbin"
         return env
 
+    def on(self, node: str, *cmd: str) -> list[str]:
+        """The command line that runs cmd on node: the one node is this machine."""
+        return [*map(str, cmd)]
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster():

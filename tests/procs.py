@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,3 +93,62 @@ def assert_resumed_exactly(run_dir: Path, reference: Path, tolerance: float) -> 
     diff = max_abs_diff(weights(run_dir), weights(reference))
     assert diff <= tolerance, f"max |weight difference| {diff:.3g} > {tolerance}"
     return diff
+
+
+class Job:
+    """One `sbatch --wait slurm/train.sh ...` running in the background, submitted on `cluster`'s first node (the
+    one-node cluster: here; the two-node cluster: node1)."""
+
+    def __init__(self, cluster, cwd: Path, sbatch_opts=(), args=(), timeout: float = 180,
+                 env: dict[str, str] | None = None) -> None:
+        self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            ["timeout", str(int(timeout)),
+             *cluster.on("node1", "sbatch", "--wait", "--parsable", *sbatch_opts, REPO / "slurm" / "train.sh", *args)],
+            cwd=cwd, env=cluster.env(child_env(**(env or {}))), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )
+        first = self.proc.stdout.readline().strip()  # sbatch prints the id at once, then waits
+        if not first:
+            self.proc.wait(timeout=30)
+            pytest.fail(f"sbatch failed (exit {self.proc.returncode}): {self.proc.stderr.read()}")
+        self.id = int(first.split(";")[0])
+        self.rc: int | None = None
+        self.elapsed = 0.0
+
+    @property
+    def log(self) -> str:
+        path = self.cwd / f"slurm-distmnist-{self.id}.out"
+        return path.read_text() if path.exists() else ""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cwd / "runs" / f"distmnist-{self.id}"
+
+    def scontrol(self, *args: str) -> str:
+        """A SLURM client command (scancel, squeue, ...) on the cluster; its stdout."""
+        return subprocess.run(self.cluster.on("node1", *args), env=self.cluster.env(), capture_output=True,
+                              text=True, timeout=30).stdout
+
+    def state(self) -> str:
+        return self.scontrol("squeue", "-h", "-j", str(self.id), "-o", "%T").strip()
+
+    def wait(self) -> int:
+        if self.rc is None:
+            self.proc.wait(timeout=self.timeout + 30)
+            self.rc, self.elapsed = self.proc.returncode, time.monotonic() - self.started
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+        return self.rc
+
+    def cancel(self) -> None:
+        if self.rc is None:
+            self.scontrol("scancel", str(self.id))
+            try:
+                self.wait()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def describe(self) -> str:
+        return f"job {self.id} exit {self.rc} after {self.elapsed:.1f} s; its log:\n{self.log[-6000:]}"

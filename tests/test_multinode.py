@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from procs import (
     REPO,
+    Job,
     assert_resumed_exactly,
     child_env,
     free_port,
@@ -43,7 +44,6 @@ from distmnist.core import data as dm_data
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
-TRAIN_SH = REPO / "slurm" / "train.sh"
 MULTI_NODE = REPO / "launch" / "multi_node.sh"
 STRATEGIES = ("ddp", "trainer", "fabric")
 COMMON = ("-c", "smoke", "data.train_samples=6400", "checkpoint.every_n_steps=10", "checkpoint.keep=100",
@@ -106,59 +106,6 @@ def resumed_reference(reference, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------ sbatch --nodes=2
-class Job:
-    """`sbatch --wait slurm/train.sh ...` submitted on node1, running in the background."""
-
-    def __init__(self, cluster, cwd: Path, opts, args, timeout: float, env: dict[str, str] | None = None):
-        self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            ["timeout", str(int(timeout)),
-             *cluster.on("node1", "sbatch", "--wait", "--parsable", *opts, TRAIN_SH, *args)],
-            cwd=cwd, env=cluster.env(child_env(**(env or {}))), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True,
-        )
-        first = self.proc.stdout.readline().strip()
-        if not first:
-            self.proc.wait(timeout=30)
-            pytest.fail(f"sbatch failed (exit {self.proc.returncode}): {self.proc.stderr.read()}")
-        self.id = int(first.split(";")[0])
-        self.rc: int | None = None
-        self.elapsed = 0.0
-
-    @property
-    def log(self) -> str:
-        path = self.cwd / f"slurm-distmnist-{self.id}.out"
-        return path.read_text() if path.exists() else ""
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cwd / "runs" / f"distmnist-{self.id}"
-
-    def scontrol(self, *args: str) -> str:
-        return subprocess.run(self.cluster.on("node1", *args), env=self.cluster.env(), capture_output=True,
-                              text=True, timeout=30).stdout
-
-    def wait(self) -> int:
-        if self.rc is None:
-            self.proc.wait(timeout=self.timeout + 30)
-            self.rc, self.elapsed = self.proc.returncode, time.monotonic() - self.started
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-        return self.rc
-
-    def cancel(self) -> None:
-        if self.rc is None:
-            self.scontrol("scancel", str(self.id))
-            try:
-                self.wait()
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-    def describe(self) -> str:
-        return f"job {self.id} exit {self.rc} after {self.elapsed:.1f} s; its log:\n{self.log[-6000:]}"
-
-
 @pytest.fixture(scope="module")
 def sbatch_jobs(two_node_cluster, tmp_path_factory):
     """The three strategies' two-node jobs, submitted together; each gets `scancel --signal=USR1 --batch` (what

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import REPO, assert_resumed_exactly, child_env, same_weights, torchrun_cmd, weights
+from procs import REPO, Job, assert_resumed_exactly, child_env, same_weights, torchrun_cmd, weights
 
 from distmnist.core import tblog
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-TRAIN_SH = REPO / "slurm" / "train.sh"
 SINGLE_NODE = REPO / "launch" / "single_node.sh"
 SMOKE = ("-c", "smoke", "dist.timeout_s=60")
 # the sbatch options of a 2-process CPU job, per strategy (the script's header asks for GPUs and 1 task per node)
@@ -32,63 +31,6 @@ CPU_JOB = {
     "trainer": ("--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"),
 }
 TAGS = {"train/loss", "lr", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"}
-
-
-class Job:
-    """One `sbatch --wait slurm/train.sh ...` running in the background."""
-
-    def __init__(self, cluster, cwd: Path, sbatch_opts=(), args=(), env_extra=None, timeout: float = 180):
-        self.cluster, self.cwd, self.timeout = cluster, cwd, timeout
-        env = cluster.env(child_env(**(env_extra or {})))
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            ["timeout", str(int(timeout)), "sbatch", "--wait", "--parsable", *sbatch_opts, str(TRAIN_SH), *args],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        first = self.proc.stdout.readline().strip()  # sbatch prints the id at once, then waits
-        if not first:
-            self.proc.wait(timeout=30)
-            pytest.fail(f"sbatch failed (exit {self.proc.returncode}): {self.proc.stderr.read()}")
-        self.id = int(first.split(";")[0])
-        self.rc: int | None = None
-        self.elapsed = 0.0
-
-    @property
-    def log_path(self) -> Path:
-        return self.cwd / f"slurm-distmnist-{self.id}.out"
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cwd / "runs" / f"distmnist-{self.id}"
-
-    def wait(self) -> int:
-        if self.rc is None:
-            self.proc.wait(timeout=self.timeout + 30)
-            self.rc = self.proc.returncode
-            self.elapsed = time.monotonic() - self.started
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-        return self.rc
-
-    def state(self) -> str:
-        out = subprocess.run(["squeue", "-h", "-j", str(self.id), "-o", "%T"], env=self.cluster.env(),
-                             capture_output=True, text=True, timeout=30)
-        return out.stdout.strip()
-
-    def describe(self) -> str:
-        return f"job {self.id} exit {self.rc} after {self.elapsed:.1f} s; its log:\n{self.log[-6000:]}"
-
-    def cancel(self) -> None:
-        if self.rc is None:
-            subprocess.run(["scancel", str(self.id)], env=self.cluster.env(), capture_output=True, timeout=30)
-            try:
-                self.wait()
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 def finished_job(cluster, cwd: Path, sbatch_opts, args, timeout: float = 90) -> Job:
@@ -114,7 +56,7 @@ def strategy_jobs(slurm_cluster, tmp_path_factory):
     jobs = {
         "ddp": Job(slurm_cluster, tmp, CPU_JOB["ddp"], ("--strategy", "ddp", *SMOKE)),
         "trainer": Job(slurm_cluster, tmp, CPU_JOB["trainer"], ("--strategy", "trainer", *SMOKE)),
-        "fabric": Job(slurm_cluster, tmp, CPU_JOB["fabric"], SMOKE, env_extra={"DISTMNIST_STRATEGY": "fabric"}),
+        "fabric": Job(slurm_cluster, tmp, CPU_JOB["fabric"], SMOKE, env={"DISTMNIST_STRATEGY": "fabric"}),
     }
     try:
         for job in jobs.values():
@@ -251,7 +193,7 @@ def resubmitted(slurm_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resubmit")
     run_dir, ref_dir = tmp / "runs" / "g64", tmp / "reference"
     args = ("--strategy", "ddp", *ELASTIC, f"run.dir={run_dir}")
-    first = Job(slurm_cluster, tmp, CPU_JOB["ddp"], args, timeout=200, env_extra={"DISTMNIST_MAX_REQUEUES": "0"})
+    first = Job(slurm_cluster, tmp, CPU_JOB["ddp"], args, timeout=200, env={"DISTMNIST_MAX_REQUEUES": "0"})
     second = ref = None
     try:
         deadline = time.monotonic() + 150
@@ -264,7 +206,7 @@ def resubmitted(slurm_cluster, tmp_path_factory):
                                env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         first.wait()
         second = Job(slurm_cluster, tmp, ("--gpus-per-node=0", "--cpus-per-task=1"), args, timeout=200,
-                     env_extra={"DISTMNIST_NPROC_PER_NODE": "1"})
+                     env={"DISTMNIST_NPROC_PER_NODE": "1"})
         second.wait()
         ref_out = ref.communicate(timeout=200)[0]
         print(f"2 processes until SIGUSR1: {first.elapsed:.1f} s; resubmitted with 1: {second.elapsed:.1f} s")
@@ -351,7 +293,7 @@ def test_requeues_are_capped(slurm_cluster, tmp_path):
     """DISTMNIST_MAX_REQUEUES=0: SIGUSR1 still checkpoints every rank, but the job does not requeue itself: it
     ends, and says why."""
     job = Job(slurm_cluster, tmp_path, CPU_JOB["ddp"], ("--strategy", "ddp", *LONG), timeout=200,
-              env_extra={"DISTMNIST_MAX_REQUEUES": "0"})
+              env={"DISTMNIST_MAX_REQUEUES": "0"})
     try:
         deadline = time.monotonic() + 150
         while not any((job.run_dir / "checkpoints").glob("step=*.ckpt")):

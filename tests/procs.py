@@ -43,10 +43,12 @@ def run_module(module: str, *args: str, cwd: Path, timeout: float = 240, **env: 
 
 def torchrun_cmd(module: str, *args: str, nproc: int = 2, extra: tuple = ()) -> list[str]:
     """--standalone: a c10d rendezvous on a free port. (The static rendezvous that --master_port selects keeps
-    one store across --max-restarts attempts, and a restarted gloo group then times out connecting.)"""
+    one store across --max-restarts attempts, and a restarted gloo group then times out connecting.)
+    A `module` ending in .py is a script path."""
+    target = [module] if module.endswith(".py") else ["-m", module]
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-        "-m", module, *args,
+        *target, *args,
     ]
 
 

@@ -43,7 +43,8 @@ def installed(tmp_path_factory) -> Installed:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, project / name)
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
-    for name in ("configs", "src"):
+    # examples/ ships with the repo, not in the wheel: copied here so that the wheel test can tell
+    for name in ("configs", "src", "examples"):
         shutil.copytree(REPO / name, project / name, ignore=skip)
     ok(subprocess.run(
         [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp / "dist"), str(project)],
@@ -88,6 +89,7 @@ def test_wheel_holds_the_package_the_configs_and_the_entry_point(installed):
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         entry_points = wheel.read(entry_points).decode()
     assert "distmnist/configs/smoke.yaml" in names
+    assert not [n for n in names if "minimal" in n or n.startswith("examples")], "examples/ is in the wheel"
     shipped = {f"distmnist/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     assert shipped and shipped <= names, sorted(shipped - names)
     # packages are listed by hand in pyproject.toml (configs/ lives outside src/): every module must be there

@@ -25,6 +25,7 @@ import os
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from distmnist.core import dist
+from distmnist.core import dist, identity
 from distmnist.core.checkpoint import atomic_open
 from distmnist.core.config import Batching, Config, DataConfig, batching
 from distmnist.core.errors import AgreedError, DistMnistError
@@ -254,6 +255,10 @@ def _checked_sources(name: str, source: str | Path) -> dict[str, Path]:
     tensors = {f: read_idx(p) for f, p in found.items()}
     for train, (img, lab) in SPLIT_FILES.items():
         check_split(tensors[img], tensors[lab], train, source=str(source))
+    splits = {train: (tensors[img], tensors[lab]) for train, (img, lab) in SPLIT_FILES.items()}
+    warning = identity.verify(name, str(source), splits)
+    if warning is not None:
+        print(f"distmnist: warning: {warning}", file=sys.stderr, flush=True)
     return found
 
 
@@ -289,7 +294,6 @@ def _have_files(cfg: DataConfig) -> bool:
 
 def _download(cfg: DataConfig) -> None:
     """torchvision's download into a private temporary folder, then checked and copied in (hold the lock)."""
-    hint = f"put the four IDX files there with `distmnist data prepare --name {cfg.name} --from DIR`"
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=_dataset_folder(cfg.name, cfg.root)))
     try:
         try:
@@ -297,13 +301,22 @@ def _download(cfg: DataConfig) -> None:
             for train in (True, False):
                 cls(str(tmp), train=train, download=True)
         except Exception as err:  # noqa: BLE001 - torchvision raises RuntimeError, URLError, OSError...
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DistMnistError(
-                f"{cfg.name} is not under {raw_folder(cfg)} and the download failed ({reason[:120]}): {hint}"
+                f"{cfg.name} is not under {raw_folder(cfg)} and the download failed "
+                f"({identity.download_cause(err)}): {offline_fixes(cfg.name)}"
             ) from None
         _install(cfg.name, _checked_sources(cfg.name, tmp / TORCHVISION_CLASS[cfg.name] / "raw"), cfg.root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def offline_fixes(name: str) -> str:
+    """What works without a network, for the one line of a failed download."""
+    system = SYSTEM_FOLDERS["fashion-mnist"][0]
+    fashion = (f"Fashion-MNIST is here in {system} (Debian's dataset-fashion-mnist): train on it with -c fashion"
+               if system.is_dir() else "apt-get install dataset-fashion-mnist and train on it with -c fashion")
+    return (f"{fashion}; or put the four IDX files there with `distmnist data prepare --name {name} --from DIR`; "
+            f"or -c smoke (synthetic data, no files)")
 
 
 def _fetch(cfg: DataConfig) -> None:

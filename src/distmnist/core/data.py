@@ -337,9 +337,7 @@ def _fetch(cfg: DataConfig) -> None:
                 return
         if not cfg.download:
             raise DistMnistError(
-                f"{cfg.name} is not under {raw_folder(cfg)} and data.download=false: put the four IDX files there "
-                f"with `distmnist data prepare --name {cfg.name} --from DIR`"
-                + (" (or apt-get install dataset-fashion-mnist)" if cfg.name == "fashion-mnist" else "")
+                f"{cfg.name} is not under {raw_folder(cfg)} and data.download=false: {offline_fixes(cfg.name)}"
             )
         _within(deadline, "downloading", lambda: _download(cfg), lock)
 

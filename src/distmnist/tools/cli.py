@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from distmnist import __version__
 from distmnist.core.args import Parser, add_config_args, config_of
 from distmnist.core.config import STRATEGIES, load_config
 from distmnist.core.errors import DistMnistError, report_errors
@@ -46,6 +47,7 @@ def train_parser() -> Parser:
 
 def build_parser() -> Parser:
     p = Parser(prog="distmnist", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"distmnist {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("train", help="train with one strategy (distmnist train --help)")
     for name, (_, text) in DELEGATED.items():

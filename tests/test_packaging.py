@@ -164,3 +164,12 @@ def test_editable_install_finds_the_shipped_configs(installed):
     project = installed.project.resolve()
     assert package == project / "src" / "distmnist" / "__init__.py"
     assert resource == smoke == project / "configs" / "smoke.yaml"
+
+
+def test_version_flag_prints_the_package_version_of_pyproject():
+    """`distmnist --version`: the version pyproject.toml declares, exit 0, nothing else printed."""
+    declared = next(line.split('"')[1] for line in (REPO / "pyproject.toml").read_text().splitlines()
+                    if line.startswith("version = "))
+    proc = ok(subprocess.run([sys.executable, "-m", "distmnist.tools.cli", "--version"], cwd=REPO,
+                             env=child_env(), capture_output=True, text=True, timeout=60))
+    assert proc.stdout.strip() == f"distmnist {declared}", proc.stdout

@@ -33,6 +33,30 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# armed in torchrun's workers (LOCAL_RANK) or where the test asks (DISTMNIST_TEST_ABORT_AT_TEARDOWN), never in
+# torchrun's agent, whose own exit is not under test
+TEARDOWN_ABORT = '''
+import os
+
+class _AbortAtTeardown:
+    def __del__(self):
+        os.write(2, b"teardown-abort: the interpreter's teardown ran in this process\\n")
+        os.abort()
+
+if "LOCAL_RANK" in os.environ or os.environ.get("DISTMNIST_TEST_ABORT_AT_TEARDOWN"):
+    _sentinel = _AbortAtTeardown()
+'''
+
+
+def teardown_aborts(site: Path) -> dict[str, str]:
+    """Env entries under which torchrun's workers (and a process given DISTMNIST_TEST_ABORT_AT_TEARDOWN=1) die by
+    SIGABRT if the interpreter's teardown runs, as a finished FSDP run once did in CI (tests/test_teardown.py);
+    a sitecustomize written into `site` holds an object whose finalizer calls os.abort()."""
+    (site / "sitecustomize.py").write_text(TEARDOWN_ABORT)
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path}
+
+
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
     """`python -m module args...` in one process."""
     return subprocess.run(

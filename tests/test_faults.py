@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import child_env, free_port, ok, run_module, same_weights, torchrun, torchrun_cmd, weights
+from procs import (
+    child_env,
+    free_port,
+    ok,
+    run_module,
+    same_weights,
+    teardown_aborts,
+    torchrun,
+    torchrun_cmd,
+    weights,
+)
 
 from distmnist.core import checkpoint
 
@@ -354,11 +364,13 @@ def test_retention_keeps_the_new_checkpoint_over_a_newer_damaged_one(tmp_path):
 
 @slow
 def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
-    """No launcher: the process itself exits with the distinct code."""
+    """No launcher: the process itself exits with the distinct code, and through core.errors.exit_process (an
+    interpreter teardown would abort it: procs.teardown_aborts)."""
     run_dir = tmp_path / "run"
+    env = child_env(DISTMNIST_TEST_ABORT_AT_TEARDOWN="1", **teardown_aborts(tmp_path))
     proc = subprocess.Popen(
         [sys.executable, "-m", "distmnist.fabric", *FAULT, f"run.dir={run_dir}"],
-        cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         wait_for_checkpoint(proc, run_dir)
@@ -367,7 +379,7 @@ def test_sigterm_single_process_exits_75_then_resumes(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 75, err[-2000:]
-    assert "stopped by SIGTERM" in err
+    assert "stopped by SIGTERM" in err and "teardown-abort" not in err
     ok(run_module("distmnist.fabric", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
     assert metrics(run_dir)["epochs"] == 2
 

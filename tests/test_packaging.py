@@ -98,7 +98,7 @@ def test_wheel_holds_the_package_the_configs_and_the_entry_point(installed):
     assert modules <= names, f"modules missing from the wheel (pyproject.toml packages?): {sorted(modules - names)}"
     parser = configparser.ConfigParser()
     parser.read_string(entry_points)
-    assert parser["console_scripts"]["distmnist"] == "distmnist.tools.cli:main"
+    assert parser["console_scripts"]["distmnist"] == "distmnist.tools.cli:entry"
 
 
 def test_installed_package_and_configs_come_from_the_wheel(installed):

@@ -11,14 +11,13 @@ and is called by name; ``diff ddp.py fabric.py`` shows only what differs between
 
 from __future__ import annotations
 
-import sys
-
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
+from distmnist.core.errors import exit_process
 from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import autocast_factory, grad_scaler
@@ -125,4 +124,4 @@ def train(cfg: Config) -> dict:
 main = strategy_main(NAME, train)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # os._exit once all is written: the interpreter's teardown can abort (core/errors.py)

@@ -11,7 +11,6 @@ num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup_module(model)`` the
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
 from functools import partial
 
@@ -22,6 +21,7 @@ from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
+from distmnist.core.errors import exit_process
 from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import check_precision
@@ -140,4 +140,4 @@ def train(cfg: Config) -> dict:
 main = strategy_main(NAME, train)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # os._exit once all is written: the interpreter's teardown can abort (core/errors.py)

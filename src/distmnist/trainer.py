@@ -14,7 +14,6 @@ correctness is in ``lightning_internals.py``, not here.
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
 
 import lightning as L
@@ -27,6 +26,7 @@ from distmnist.core import checkpoint, data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
+from distmnist.core.errors import exit_process
 from distmnist.core.metrics import EvalMetrics, TrainTally
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import check_precision
@@ -255,4 +255,4 @@ def train(cfg: Config) -> dict:
 main = strategy_main(NAME, train)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # os._exit once all is written: the interpreter's teardown can abort (core/errors.py)

@@ -6,6 +6,7 @@ Entry points catch :class:`DistMnistError`, print its message as one line on std
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import re
@@ -18,6 +19,29 @@ RANK_LOST_EXIT = 1
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after writing a checkpoint; run the same command to resume
 DIVERGED_EXIT = 3  # the loss or the weights became non-finite: stopped before writing them (no model.pt)
 STARTUP_EXIT = 69  # EX_UNAVAILABLE: not every process reached the process group within dist.startup_timeout_s
+
+
+def exit_process(code: int) -> None:
+    """End this process with `code`, skipping the interpreter's teardown: run the atexit handlers, flush stdout and
+    stderr, then ``os._exit``.
+
+    Why: after an FSDP run, torch's DTensor caches (sharding propagation, redistribution plans) keep the device
+    mesh, and with it gloo process groups and their worker threads, alive after ``destroy_process_group`` until the
+    interpreter tears its modules down. Destructors that run then, with the interpreter half gone, can abort a
+    finished run (``terminate called without an active exception``, SIGABRT): rare, and enough to mark a finished
+    SLURM job failed or to redden CI. By the time an entry point returns, everything that matters is done: the
+    files are written atomically and closed, the process group is destroyed. Only the ``__main__`` of the entry
+    points calls this; code that calls ``main()`` in its own process keeps its interpreter.
+    """
+    try:
+        atexit._run_exitfuncs()  # logging's shutdown, Lightning's destroy of the process group, ...
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or gone: nothing left to lose
+                pass
+        os._exit(code)
 
 
 class DistMnistError(Exception):

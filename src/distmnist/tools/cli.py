@@ -19,7 +19,7 @@ import sys
 from distmnist import __version__
 from distmnist.core.args import Parser, add_config_args, config_of
 from distmnist.core.config import STRATEGIES, load_config
-from distmnist.core.errors import DistMnistError, report_errors
+from distmnist.core.errors import DistMnistError, exit_process, report_errors
 
 
 def train_with(strategy: str, cfg) -> dict:
@@ -80,5 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `distmnist` console script: main(), then an exit that skips the interpreter's teardown
+    (core/errors.exit_process: after an FSDP run that teardown can abort a finished process)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -122,7 +122,7 @@ def test_ddp_arithmetic_two_ranks_equal_one_rank_double_batch(runs, one_rank):
 
 
 # The Trainer with its step inside training_step (what it does on one GPU, there replayed from a CUDA graph):
-# here StepRunner runs that step eagerly -- the path the graph falls back to for a short batch.
+# here CapturedStep runs that step eagerly -- the path the graph falls back to for a short batch.
 TRAINER_WITH_STEP_RUNNER = """
 import sys
 from distmnist import lightning_internals, trainer

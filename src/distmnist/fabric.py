@@ -12,7 +12,6 @@ num_nodes, precision)``, ``fabric.launch()``, ``fabric.setup_module(model)`` the
 from __future__ import annotations
 
 from datetime import timedelta
-from functools import partial
 
 import torch.nn.functional as F
 from lightning.fabric import Fabric
@@ -28,7 +27,7 @@ from distmnist.core.precision import check_precision
 from distmnist.core.records import Records
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
-from distmnist.core.steps import StepRunner, capture_applies
+from distmnist.core.steps import CapturedStep, capture_applies
 from distmnist.core.stopping import CheckpointCadence
 
 NAME = "fabric"
@@ -83,9 +82,20 @@ def train(cfg: Config) -> dict:
             return logits, loss
 
         tally = TrainTally(env.device)
-        # zero_grad, forward_backward, tally, optimizer.step -- eagerly, or replayed from a CUDA graph (one GPU)
-        no_sync = partial(fabric.no_backward_sync, net)  # no all-reduce while accumulating
-        step = StepRunner(forward_backward, optimizer.step, optimizer, tally, capture_applies(cfg, env), accumulate, no_sync)
+
+        def train_step(x, y):
+            model.zero_grad(set_to_none=True)
+            micro = data.micro_batches(x, y, accumulate)  # the step's samples, `accumulate` micro-batches
+            for i, (xm, ym) in enumerate(micro):
+                # no gradient all-reduce (DDP) / reduce-scatter (FSDP) but on the last micro-batch
+                with fabric.no_backward_sync(net, enabled=i < len(micro) - 1):
+                    logits, loss = forward_backward(xm, ym)
+                tally.update(logits, ym, loss)
+            optimizer.step()
+            return loss
+
+        if capture_applies(cfg, env):  # one GPU, train.cuda_graphs: the same step replayed from a CUDA graph
+            train_step = CapturedStep(forward_backward, optimizer.step, optimizer, tally)
         stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if scaler else {})}
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
@@ -116,7 +126,7 @@ def train(cfg: Config) -> dict:
             records.begin_epoch(state)
             for x, y in records.progress(train_batches, state):
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                loss = step(x, y)
+                loss = train_step(x, y)
                 state.advance()
                 records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
                 scheduler.step()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from distmnist.core.steps import StepRunner, parameters, zero_grad
+from distmnist.core.steps import CapturedStep, parameters, zero_grad
 
 LIGHTNING_VERSION = "2.6"  # the version these workarounds were written and tested against
 
@@ -50,7 +50,7 @@ class FastHooks:
 
 
 class GraphStep:
-    """training_step replays the step of raw DDP and Fabric (``core.steps.StepRunner``: forward, loss, backward
+    """training_step replays the step of raw DDP and Fabric (``core.steps.CapturedStep``: forward, loss, backward
     and the tally captured once into a CUDA graph); Lightning's own backward and zero_grad then have nothing left
     to do, and its optimizer step reads the gradients the graph wrote -- the arithmetic of the eager step.
     Only where the step is captured (one CUDA device) at 32-true: 16-mixed scales the loss in Lightning's backward,
@@ -68,8 +68,8 @@ class GraphStep:
             return logits, loss
 
         # the optimizer step is Lightning's, after training_step returns
-        self.step_runner = StepRunner(forward_backward, lambda: None, self.trainer.optimizers[0], self.tally,
-                                      self.capture)
+        self.step_runner = CapturedStep(forward_backward, lambda: None, self.trainer.optimizers[0], self.tally,
+                                        self.capture)
 
     def training_step(self, batch, batch_idx) -> torch.Tensor:
         return self.step_runner(*batch)

@@ -468,7 +468,7 @@ def sharded_strategy(strategy_class: type) -> type:
                 ``ParallelStrategy.block_backward_sync`` knows only DDP's ``no_sync``)."""
                 from distmnist.core import parallel
 
-                with parallel.no_sync(self.model)():
+                with parallel.no_sync(self.model):
                     yield
 
         return TrainerShardedStrategy

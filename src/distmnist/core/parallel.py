@@ -16,8 +16,7 @@ loss in float32). ``16-mixed`` (float16 + a gradient scaler over sharded gradien
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from functools import partial
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.distributed as tdist
@@ -74,13 +73,16 @@ def _fsdp_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def no_sync(net: nn.Module):
+def no_sync(net: nn.Module, enabled: bool = True) -> AbstractContextManager:
     """The context of an accumulating micro-step: no gradient all-reduce (DDP's ``no_sync``) or reduce-scatter
     (FSDP2's ``set_requires_gradient_sync(False)`` on every FSDP unit, as Fabric's ``no_backward_sync`` does); the
-    step's last micro-batch, outside it, reduces the sum. One process without a wrapper: nothing to skip."""
+    step's last micro-batch, outside it (``enabled=False``), reduces the sum. One process without a wrapper:
+    nothing to skip."""
+    if not enabled:
+        return nullcontext()
     if is_sharded(net):
-        return partial(_without_gradient_sync, net)
-    return getattr(net, "no_sync", nullcontext)  # DistributedDataParallel.no_sync, or the bare model
+        return _without_gradient_sync(net)
+    return getattr(net, "no_sync", nullcontext)()  # DistributedDataParallel.no_sync, or the bare model
 
 
 @contextmanager

@@ -1,19 +1,18 @@
-"""One optimizer step, eager or replayed from a CUDA graph -- the same arithmetic either way.
+"""The CUDA-graph step: the eager step of ``ddp.py`` / ``fabric.py`` (and the Trainer's one-GPU speed-up),
+captured once and replayed -- the same arithmetic.
 
-A strategy supplies ``forward_backward(x, y) -> (logits, loss)`` (autocast, loss, backward) and
-``optimizer_step()`` (optimizer + GradScaler; a no-op for the Lightning Trainer, whose own optimizer step follows
-``training_step``). :class:`StepRunner` composes them:
+The strategy files show the eager step inline: ``zero_grad``, each micro-batch's forward, loss and backward (all
+but the last inside ``no_sync``: no gradient all-reduce), the training tally, the optimizer step. Where capture
+applies (:func:`capture_applies`: ``train.cuda_graphs``, CUDA, one process, no accumulation) they hand the same
+``forward_backward(x, y) -> (logits, loss)`` and ``optimizer_step()`` to :class:`CapturedStep` instead:
 
-* eager: ``zero_grad(set_to_none=True)``, forward/backward, training tally, optimizer step; with
-  ``train.accumulate_grad_batches`` A > 1 the step's batch (a rank's batch_size x A samples, see
-  ``data.step_order``) is cut into A micro-batches, each forward/backward (the strategy scales its loss by 1/A)
-  and tallied, the first A - 1 inside ``no_sync`` (no gradient all-reduce), then one optimizer step;
-* captured (``train.cuda_graphs``, CUDA, one process): the first ``WARMUP_STEPS`` steps run eagerly on a side
-  stream (lazy CUDA/cuBLAS/optimizer-state initialisation), then forward, loss, backward and the tally update are
-  captured once into a CUDA graph and replayed for every full-size batch. The gradients the graph writes live at
-  fixed addresses, so the optimizer step -- left eager, exactly the code the eager path runs, with the learning
-  rate of the schedule -- reads them as it would after an eager backward. Batches of another size (the short
-  last batch of an epoch) run eagerly.
+* the first ``WARMUP_STEPS`` steps run eagerly on a side stream (lazy CUDA/cuBLAS/optimizer-state
+  initialisation);
+* then forward, loss, backward and the tally update are captured once into a CUDA graph and replayed for every
+  full-size batch. The gradients the graph writes live at fixed addresses, so the optimizer step -- left eager,
+  exactly the code the eager path runs, with the learning rate of the schedule -- reads them as it would after an
+  eager backward;
+* batches of another size (the short last batch of an epoch) run eagerly, the gradients zeroed in place.
 
 Capture is not used with several processes: DDP's gradient all-reduce inside a graph needs NCCL, static graphs
 and bucket settings this package does not pin down (see README, Performance).
@@ -22,12 +21,10 @@ and bucket settings this package does not pin down (see README, Performance).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from distmnist.core.config import Config, batching
-from distmnist.core.data import micro_batches
 from distmnist.core.dist import DistEnv
 from distmnist.core.metrics import TrainTally
 
@@ -57,23 +54,23 @@ def zero_grad(params: list[torch.Tensor], set_to_none: bool = True) -> None:
             p.grad.zero_()
 
 
-class StepRunner:
+class CapturedStep:
+    """``step(x, y) -> loss``: the eager step's forward/backward and tally replayed from a CUDA graph (one process,
+    one micro-batch per step), then ``optimizer_step()`` eagerly."""
+
     def __init__(
         self,
         forward_backward: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
         optimizer_step: Callable[[], None],
         optimizer: torch.optim.Optimizer,
         tally: TrainTally,
-        capture: bool,
-        accumulate: int = 1,
-        no_sync: Callable[[], AbstractContextManager] = nullcontext,
+        capture: bool = True,
     ) -> None:
         self.forward_backward, self.optimizer_step = forward_backward, optimizer_step
-        self.accumulate, self.no_sync = accumulate, no_sync  # no_sync: no gradient all-reduce inside it
         self.params = parameters(optimizer)
         self.grads: list[torch.Tensor] = []  # the graph's gradient buffers, once captured
         self.tally = tally
-        self.capture = capture
+        self.capture = capture  # False: the same arrangement run eagerly (what a short last batch does)
         self.steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.side: torch.cuda.Stream | None = None
@@ -101,18 +98,14 @@ class StepRunner:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # with a graph, its gradient buffers must stay where they are: zeroed in place (0 + g == g exactly)
         zero_grad(self.params, set_to_none=self.graph is None)
-        micro = micro_batches(x, y, self.accumulate)
-        for i, (xm, ym) in enumerate(micro):
-            with self.no_sync() if i < len(micro) - 1 else nullcontext():  # the last one all-reduces
-                logits, loss = self.forward_backward(xm, ym)
-            self.tally.update(logits, ym, loss)
+        logits, loss = self.forward_backward(x, y)
+        self.tally.update(logits, y, loss)
         for p, g in zip(self.params, self.grads, strict=False):
             if p.grad is not g:  # autograd handed over a new tensor: back into the graph's buffer
                 g.copy_(p.grad)
                 p.grad = g
         self.optimizer_step()
         return loss
-
     def _warmup(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.side is None:
             self.side = torch.cuda.Stream()

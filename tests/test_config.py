@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------------------------------------ defaults
 def test_defaults_load_and_match_the_schema():
     cfg = load_config()
+    assert cfg.run.name == "default"  # the default run dir's name: no -c, no override (runs/<strategy>-default)
+    cfg.run.name = None
     assert cfg == Config()
     assert cfg.data.name == "mnist"
     assert cfg.data.batch_size == 64
@@ -113,7 +116,10 @@ def test_parse_override_splits_at_first_equals():
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path / "empty.yaml", "")) == Config()
+    cfg = load_config(write(tmp_path / "empty.yaml", ""))
+    assert cfg.run.name == "empty"  # the file's name names the default run dir
+    cfg.run.name = None
+    assert cfg == Config()
 
 
 def test_resolved_yaml_round_trips(tmp_path):
@@ -358,6 +364,7 @@ def test_every_schema_key_accepts_its_own_default_as_override():
         for k, v in flat.items()
         if v is not None
     ]
+    cfg.run.name = "default"  # filled in by load_config
     assert load_config(None, items) == cfg
     assert dataclasses.asdict(load_config(None, items)) == cfg.to_dict()
 
@@ -400,3 +407,36 @@ def test_a_global_batch_that_cannot_hold_is_one_line_saying_what_to_change(overr
 def test_global_batch_and_accumulation_must_be_positive(key):
     with pytest.raises(DistMnistError, match=key):
         load_config(None, [f"{key}=0"])
+
+
+# ------------------------------------------------------------------------------------------------ run names
+def test_default_run_dir_is_named_after_the_config_and_what_the_overrides_change():
+    """runs/<strategy>-<config name>[-<digest>]: the same command finds the same dir, another config another one."""
+    assert load_config("smoke").run_dir("fabric") == Path("runs/fabric-smoke")
+    assert load_config().run_dir("ddp") == Path("runs/ddp-default")
+    # an override equal to the file's value changes nothing; one that changes the trajectory gets a digest
+    assert load_config("smoke", ["optim.lr=0.05"]).run.name == "smoke"
+    lr = load_config("smoke", ["optim.lr=0.1"]).run.name
+    assert re.fullmatch(r"smoke-[0-9a-f]{8}", lr) and lr == load_config("smoke", ["optim.lr=0.1"]).run.name
+    assert load_config("smoke", ["optim.lr=0.2"]).run.name != lr
+    # what does not change the run's arithmetic keeps the name: a constant schedule continues over more epochs
+    assert load_config("smoke", ["train.epochs=7", "checkpoint.keep=5", "train.quiet=true"]).run.name == "smoke"
+    # ... a cosine schedule spans train.epochs, so more epochs are another run; so are FSDP and another batch
+    assert load_config("fashion", ["train.epochs=9"]).run.name != "fashion"
+    assert load_config("smoke", ["train.parallel=fsdp"]).run.name != "smoke"
+    assert load_config("smoke", ["data.batch_size=16"]).run.name != "smoke"
+    # explicit choices win
+    assert load_config("smoke", ["optim.lr=0.1", "run.name=mine"]).run_dir("ddp") == Path("runs/ddp-mine")
+    assert load_config("smoke", ["run.dir=elsewhere"]).run_dir("ddp") == Path("elsewhere")
+
+
+def test_resolved_config_yaml_keeps_the_run_name(tmp_path):
+    cfg = load_config("smoke", ["optim.lr=0.1"])
+    again = load_config(write(tmp_path / "config.yaml", to_yaml(cfg)))
+    assert again.run.name == cfg.run.name and again.run_dir("ddp") == cfg.run_dir("ddp")
+
+
+@pytest.mark.parametrize("name", ["a/b", "", "..", "."])
+def test_run_name_that_is_not_a_folder_name_is_refused(name):
+    with pytest.raises(DistMnistError, match="run.name"):
+        load_config(None, [f"run.name={name}"])

@@ -9,7 +9,9 @@ unknown key, a wrong type or an impossible value raises :class:`DistMnistError` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.resources
+import json
 import math
 import types
 import typing
@@ -103,7 +105,12 @@ class DistConfig:
 
 @dataclass
 class RunConfig:
-    dir: str | None = None  # default: runs/<strategy>
+    # default: runs/<strategy>-<run.name>
+    dir: str | None = None
+    # the name of the default run dir: the config file's name (`default` without -c), and when overrides change
+    # what the run computes, a digest of those changes -- the same command finds its run again, another config
+    # never lands in it. Filled in by load_config when unset.
+    name: str | None = None
 
 
 @dataclass
@@ -121,7 +128,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def run_dir(self, strategy: str) -> Path:
-        return Path(self.run.dir if self.run.dir is not None else f"runs/{strategy}")
+        return Path(self.run.dir) if self.run.dir is not None else Path("runs") / f"{strategy}-{self.run.name or 'default'}"
 
 
 # Keys that decide the training trajectory: resuming a run dir with other values would not continue the same
@@ -199,10 +206,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(data, dict):
             raise DistMnistError(f"config file {p} must hold a mapping of sections, not {type(data).__name__}")
         flat.update(_flatten(data, source=str(p)))
+    from_file = dict(flat)
     for item in overrides:
         key, value = parse_override(item)
         flat[key] = value
-    return config_from_flat(flat)
+    cfg = config_from_flat(flat)
+    if cfg.run.name is None:
+        cfg.run.name = run_name(Path(path).stem if path is not None else "default", from_file, cfg)
+    return cfg
+
+
+def run_name(stem: str, from_file: dict[str, Any], cfg: Config) -> str:
+    """`stem`, or `stem-<digest>` when `cfg` computes something else than the config file alone: the digest
+    (8 hex digits of a sha256) of the trajectory keys and train.parallel that the overrides changed."""
+    try:
+        base = identity(config_from_flat(from_file))
+    except DistMnistError:  # the file alone is not a valid config: every key of the run counts
+        base = {}
+    changed = {k: v for k, v in identity(cfg).items() if base.get(k, _UNSET) != v}
+    if not changed:
+        return stem
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{stem}-{digest}"
+
+
+_UNSET = object()
+
+
+def identity(cfg: Config) -> dict[str, Any]:
+    """What makes two runs the same run: the trajectory, how the model is held, and without
+    data.global_batch_size the per-process batch the global batch is made of."""
+    out = {**trajectory(cfg), "train.parallel": cfg.train.parallel}
+    if cfg.data.global_batch_size is None:
+        out.update({"data.batch_size": cfg.data.batch_size, "train.accumulate_grad_batches": cfg.train.accumulate_grad_batches})
+    return out
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -371,6 +408,10 @@ def validate(cfg: Config) -> None:
         raise DistMnistError(f"config key 'seed' must be between 0 and 2**63-1, got {cfg.seed}")
     if cfg.run.dir is not None and not cfg.run.dir.strip():
         raise DistMnistError("config key 'run.dir' is empty: give a folder, e.g. run.dir=runs/my-run")
+    if cfg.run.name is not None and (not cfg.run.name.strip() or "/" in cfg.run.name or cfg.run.name in (".", "..")):
+        raise DistMnistError(
+            f"config key 'run.name' must be a plain folder name (no '/'), got {cfg.run.name!r}; e.g. run.name=my-run"
+        )
     if cfg.train.precision == "16-mixed" and cfg.train.accelerator == "cpu":
         raise DistMnistError(
             "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"

@@ -39,6 +39,8 @@ class Records:
         labels) when the run starts from scratch."""
         if not self.env.is_zero:
             return
+        if fresh:
+            self.say(f"training in {self.run.path} (the same command again resumes it)")
         self.run.write_config()
         self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.run.tb_dir))
         if fresh:
@@ -73,8 +75,12 @@ class Records:
         state.global_batch = self.batching.global_batch  # the same as the checkpoint's (run.py checks)
         self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
         if state.epoch >= self.cfg.train.epochs:
-            self.say(f"{self.run.path} already holds {state.epoch} epochs; raise train.epochs to train more",
-                     always=True)
+            if self.cfg.optim.schedule == "constant":  # the schedule does not depend on the length: it continues
+                more = f"train.epochs={state.epoch + 1} or more continues it"
+            else:  # the schedule spans train.epochs: a longer run is another run (its own default run dir)
+                more = (f"its {self.cfg.optim.schedule} schedule ends at epoch {state.epoch}, so a longer run is a new "
+                        f"run: train.epochs={state.epoch + 1} or more starts one in a run dir of its own")
+            self.say(f"{self.run.path} already holds {state.epoch} epochs; {more}", always=True)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started

@@ -27,6 +27,16 @@ from distmnist.core.state import TrainState
 OWNER = re.compile(r"^# distmnist run: strategy=(\w+)")
 
 
+def run_strategy(config_file: str | Path) -> str | None:
+    """The strategy a run's config.yaml names in its first line (None for any other file)."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            owner = OWNER.search(f.readline())
+    except (OSError, UnicodeDecodeError):
+        return None
+    return owner.group(1) if owner else None
+
+
 class RunDir:
     def __init__(self, cfg: Config, strategy: str, env: DistEnv) -> None:
         self.cfg, self.strategy, self.env = cfg, strategy, env
@@ -51,9 +61,10 @@ class RunDir:
             return
         owner = OWNER.search(first)
         if owner and owner.group(1) != self.strategy:
+            theirs = owner.group(1)
             raise DistMnistError(
-                f"run.dir {self.path} belongs to a {owner.group(1)} run; use another run.dir for {self.strategy} "
-                f"(e.g. run.dir=runs/{self.strategy})"
+                f"run.dir {self.path} belongs to a {theirs} run: continue it with `python -m distmnist.{theirs}` "
+                f"(`distmnist train --strategy {theirs}`), or train {self.strategy} in another run.dir"
             )
 
     def prepare(self) -> Path | None:
@@ -76,7 +87,8 @@ class RunDir:
         if self.env.is_zero:
             header = (
                 f"# distmnist run: strategy={self.strategy} world_size={self.env.world_size} "
-                f"device={self.env.device}\n# the resolved config: `-c {self.config_yaml}` runs it again\n"
+                f"device={self.env.device}\n# the resolved config: `distmnist train -c {self.config_yaml}` runs it again "
+                f"(with the strategy above)\n"
             )
             checkpoint.atomic_write(self.config_yaml, (header + config.to_yaml(self.cfg)).encode())
 

@@ -2,7 +2,7 @@
 entry points.
 
     distmnist train --strategy ddp -c configs/fashion.yaml optim.lr=0.1
-    distmnist evaluate --model runs/ddp/model.pt [-c CONFIG] [key=value ...]
+    distmnist evaluate --model runs/ddp-fashion/model.pt [-c CONFIG] [key=value ...]
     distmnist data prepare --name fashion-mnist --from /usr/share/datasets/fashion-mnist [--root data]
     distmnist bench [--help]                      # the strategies against the tutorial loops, one table
     distmnist compare RUN_DIR... [--out cmp.png]  # runs side by side
@@ -40,7 +40,7 @@ DELEGATED = {
 
 def train_parser() -> Parser:
     p = Parser(prog="distmnist train", description="Train with one strategy in this process (torchrun for several).")
-    p.add_argument("--strategy", default="ddp", help="ddp | trainer | fabric (default ddp)")
+    p.add_argument("--strategy", help="ddp | trainer | fabric (default: the strategy a run's config.yaml names, else ddp)")
     add_config_args(p)
     return p
 
@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(DELEGATED[command][0]).main(rest)
     if command == "train":  # intermixed: options may come after key=value overrides
         args = train_parser().parse_intermixed_args(rest)
-        train_with(args.strategy, load_config(args.config, config_of(args)))
+        from distmnist.core.run import run_strategy  # not at import: `distmnist --help` stays quick
+
+        strategy = args.strategy or (args.config and run_strategy(args.config)) or "ddp"
+        train_with(strategy, load_config(args.config, config_of(args)))
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "data":

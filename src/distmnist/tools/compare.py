@@ -1,9 +1,9 @@
 """Compare finished (or running) runs side by side: one table, and optionally one PNG plot.
 
-    distmnist compare runs/ddp runs/trainer runs/fabric                  # the table
-    distmnist compare runs/* --out compare.png                           # + val_acc against wall time and step
-    distmnist compare runs/ddp runs/fabric --json                        # the rows as JSON, for scripts
-    python -m distmnist.tools.compare RUN_DIR...                               # the same
+    distmnist compare runs/ddp-smoke runs/trainer-smoke runs/fabric-smoke   # the table
+    distmnist compare runs/* --out compare.png                              # + val_acc against wall time and step
+    distmnist compare runs/ddp-smoke runs/fabric-smoke --json               # the rows as JSON, for scripts
+    python -m distmnist.tools.compare RUN_DIR...                            # the same
 
 `tensorboard --logdir runs` opens all runs in one TensorBoard: every run dir's tb/ becomes one run there, with
 the same tags (train/loss, val/acc, ...) against the global step.
@@ -220,7 +220,7 @@ def load_run(path: str) -> Run:
     if not run_dir.exists():
         raise DistMnistError("no such run dir")
     if not run_dir.is_dir():
-        raise DistMnistError("not a folder (give a run dir, e.g. runs/ddp)")
+        raise DistMnistError("not a folder (give a run dir, e.g. runs/ddp-smoke)")
     metrics_json = run_dir / "metrics.json"
     run = load_finished(run_dir, metrics_json) if metrics_json.exists() else load_running(run_dir)
     run.path = path

@@ -1,7 +1,7 @@
 """Exact test-set evaluation of a model.pt, with any number of processes.
 
-    python -m distmnist.evaluate --model runs/ddp/model.pt [-c CONFIG] [section.key=value ...]
-    torchrun --nproc_per_node=3 -m distmnist.evaluate --model runs/ddp/model.pt
+    python -m distmnist.evaluate --model runs/ddp-fashion/model.pt [-c CONFIG] [section.key=value ...]
+    torchrun --nproc_per_node=3 -m distmnist.evaluate --model runs/ddp-fashion/model.pt
 
 Each test image is counted once whatever the world size; prints and writes (JSON) val_acc, val_loss and the
 number of samples counted.

@@ -1,8 +1,8 @@
 """Classify real image files with a trained model.pt.
 
     distmnist predict --model runs/fashion/model.pt shirt.jpg boot.png
-    distmnist predict --model runs/ddp/model.pt --json digits/*.png
-    python -m distmnist.predict --model runs/ddp/model.pt --classes mnist seven.png
+    distmnist predict --model runs/ddp-fashion/model.pt --json digits/*.png
+    python -m distmnist.predict --model runs/ddp-fashion/model.pt --classes mnist seven.png
 
 Each image (PNG, JPEG, ... any size, colour or grey, with or without alpha, light or dark background) is made to
 look like a data set image by :func:`to_model_input`, then classified; one line per image:

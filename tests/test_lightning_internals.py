@@ -1,4 +1,4 @@
-"""What distmnist/lightning_internals.py relies on in Lightning: these fail when an upgrade changes it.
+"""What distmnist/lightning/internals.py relies on in Lightning: these fail when an upgrade changes it.
 
 (That the captured-step arrangement computes what raw DDP computes is test_distributed.py's
 test_trainer_step_inside_training_step_equals_raw_ddp; here, the names and hooks it depends on.)
@@ -13,15 +13,15 @@ import lightning as L
 import pytest
 import torch
 
-from distmnist import lightning_internals
 from distmnist.core.config import load_config
+from distmnist.lightning import internals
 from distmnist.trainer import NNModule
 
 
 def test_lightning_is_the_version_the_workarounds_were_written_for():
     major_minor = ".".join(L.__version__.split(".")[:2])
-    assert major_minor == lightning_internals.LIGHTNING_VERSION, (
-        f"Lightning {L.__version__}: re-check lightning_internals.py against it, then update LIGHTNING_VERSION"
+    assert major_minor == internals.LIGHTNING_VERSION, (
+        f"Lightning {L.__version__}: re-check distmnist/lightning/ against it, then update LIGHTNING_VERSION"
     )
 
 
@@ -35,7 +35,7 @@ def test_sigterm_broadcast_is_still_a_method_of_the_epoch_loop_and_is_skipped():
     loop = trainer.fit_loop.epoch_loop
     assert callable(getattr(loop, "_broadcast_sigterm_tensor", None))
     assert callable(getattr(trainer._signal_connector, "register_signal_handlers", None))
-    lightning_internals.leave_sigterm_to_distmnist(trainer)
+    internals.leave_sigterm_to_distmnist(trainer)
     assert loop._broadcast_sigterm_tensor() is None
 
 
@@ -58,7 +58,7 @@ def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_dist
     try:
         trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[Probe()])
         if left_to_distmnist:
-            lightning_internals.leave_sigterm_to_distmnist(trainer)
+            internals.leave_sigterm_to_distmnist(trainer)
         trainer.fit(BoringModel())
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -66,7 +66,7 @@ def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_dist
 
 
 def test_lightning_names_the_running_hook_in_current_fx_name():
-    module = lightning_internals.tuned(NNModule)(load_config("smoke"))
+    module = internals.tuned(NNModule)(load_config("smoke"))
     assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
@@ -75,7 +75,7 @@ def test_lightning_names_the_running_hook_in_current_fx_name():
 
 
 def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
-    logger = lightning_internals.RunLogger(save_dir=str(tmp_path), name="tb", version="")
+    logger = internals.RunLogger(save_dir=str(tmp_path), name="tb", version="")
     assert logger._experiment is None
     logger.finalize("failed")
     assert not any(tmp_path.rglob("events.out.tfevents.*")), "finalize() of an unused logger wrote an event file"
@@ -86,7 +86,7 @@ def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
 
 @pytest.mark.parametrize("graph_step", [False, True])
 def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
-    tuned = lightning_internals.tuned(NNModule, graph_step)
+    tuned = internals.tuned(NNModule, graph_step)
     hooks = ["optimizer_zero_grad", "transfer_batch_to_device"] + (["training_step", "backward"] if graph_step else [])
     for hook in hooks:  # the hooks it replaces are still Lightning's hooks, called with the same parameters
         ours, theirs = inspect.signature(getattr(tuned, hook)), inspect.signature(getattr(L.LightningModule, hook))
@@ -131,13 +131,14 @@ def test_a_checkpoint_counts_micro_batches_where_recount_batches_looks(tmp_path,
         Tiny(), train_dataloaders=tiny_batches(8))
     ckpt = torch.load(path, weights_only=False)
     progress = ckpt
-    for key in lightning_internals.BATCH_PROGRESS:
+    for key in internals.BATCH_PROGRESS:
         progress = progress[key]
     assert progress["current"]["ready"] == progress["total"]["ready"] == 4
     if recount:
-        lightning_internals.recount_batches(ckpt, was=2, now=1)
+        internals.recount_batches(ckpt, was=2, now=1)
         assert progress["current"]["ready"] == 2
     torch.save(ckpt, path)
     trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=1)
     trainer.fit(Tiny(), train_dataloaders=tiny_batches(4), ckpt_path=path)
     assert (trainer.global_step == 4) is recount, trainer.global_step
+

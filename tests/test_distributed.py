@@ -125,14 +125,15 @@ def test_ddp_arithmetic_two_ranks_equal_one_rank_double_batch(runs, one_rank):
 # here CapturedStep runs that step eagerly -- the path the graph falls back to for a short batch.
 TRAINER_WITH_STEP_RUNNER = """
 import sys
-from distmnist import lightning_internals, trainer
+from distmnist import trainer
+from distmnist.lightning import internals
 runners = []
-graph_start = lightning_internals.GraphStep.on_train_start
+graph_start = internals.GraphStep.on_train_start
 def on_train_start(self):
     graph_start(self)
     runners.append(self.step_runner)
-lightning_internals.GraphStep.on_train_start = on_train_start
-lightning_internals.GraphStep.capture = False  # the captured arrangement, run eagerly
+internals.GraphStep.on_train_start = on_train_start
+internals.GraphStep.capture = False  # the captured arrangement, run eagerly
 trainer.capture_applies = lambda cfg, env: True  # as on one GPU
 code = trainer.main(sys.argv[1:])
 print("step runner steps:", sum(r.steps for r in runners))

@@ -1,28 +1,57 @@
-"""What distmnist/lightning_internals.py relies on in Lightning: these fail when an upgrade changes it.
+"""What distmnist/lightning/ (internals.py, and adapters.sharded_strategy) relies on in Lightning beyond its public
+API: these fail when an upgrade changes it. And that distmnist.core needs no Lightning at all.
 
 (That the captured-step arrangement computes what raw DDP computes is test_distributed.py's
-test_trainer_step_inside_training_step_equals_raw_ddp; here, the names and hooks it depends on.)
+test_trainer_step_inside_training_step_equals_raw_ddp, and that the sharded strategies compute what raw FSDP2
+computes is test_fsdp.py's; here, the names, hooks and checkpoint keys they depend on.)
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import signal
+import subprocess
+import sys
+from contextlib import contextmanager
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as tdist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+from procs import child_env, ok
 
-from distmnist import lightning_internals
+from distmnist.core import checkpoint
 from distmnist.core.config import load_config
+from distmnist.lightning import adapters, internals
 from distmnist.trainer import NNModule
 
 
 def test_lightning_is_the_version_the_workarounds_were_written_for():
     major_minor = ".".join(L.__version__.split(".")[:2])
-    assert major_minor == lightning_internals.LIGHTNING_VERSION, (
-        f"Lightning {L.__version__}: re-check lightning_internals.py against it, then update LIGHTNING_VERSION"
+    assert major_minor == internals.LIGHTNING_VERSION, (
+        f"Lightning {L.__version__}: re-check distmnist/lightning/ against it, then update LIGHTNING_VERSION"
     )
+
+
+CORE_IMPORTS = """
+import importlib, pkgutil, sys
+import distmnist.core
+for module in pkgutil.iter_modules(distmnist.core.__path__):
+    importlib.import_module(f"distmnist.core.{module.name}")
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning")))
+"""
+
+
+def test_the_core_imports_no_lightning():
+    """Lightning-specific code lives in distmnist/lightning/: every module of distmnist.core imports without it (a
+    fresh interpreter: this one has Lightning loaded)."""
+    proc = ok(subprocess.run([sys.executable, "-c", CORE_IMPORTS], env=child_env(), capture_output=True, text=True,
+                             timeout=120))
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
@@ -35,7 +64,7 @@ def test_sigterm_broadcast_is_still_a_method_of_the_epoch_loop_and_is_skipped():
     loop = trainer.fit_loop.epoch_loop
     assert callable(getattr(loop, "_broadcast_sigterm_tensor", None))
     assert callable(getattr(trainer._signal_connector, "register_signal_handlers", None))
-    lightning_internals.leave_sigterm_to_distmnist(trainer)
+    internals.leave_sigterm_to_distmnist(trainer)
     assert loop._broadcast_sigterm_tensor() is None
 
 
@@ -58,7 +87,7 @@ def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_dist
     try:
         trainer = quiet_trainer(max_steps=1, limit_val_batches=0, callbacks=[Probe()])
         if left_to_distmnist:
-            lightning_internals.leave_sigterm_to_distmnist(trainer)
+            internals.leave_sigterm_to_distmnist(trainer)
         trainer.fit(BoringModel())
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -66,7 +95,7 @@ def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_dist
 
 
 def test_lightning_names_the_running_hook_in_current_fx_name():
-    module = lightning_internals.tuned(NNModule)(load_config("smoke"))
+    module = internals.tuned(NNModule)(load_config("smoke"))
     assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
@@ -75,7 +104,7 @@ def test_lightning_names_the_running_hook_in_current_fx_name():
 
 
 def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
-    logger = lightning_internals.RunLogger(save_dir=str(tmp_path), name="tb", version="")
+    logger = internals.RunLogger(save_dir=str(tmp_path), name="tb", version="")
     assert logger._experiment is None
     logger.finalize("failed")
     assert not any(tmp_path.rglob("events.out.tfevents.*")), "finalize() of an unused logger wrote an event file"
@@ -86,7 +115,7 @@ def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
 
 @pytest.mark.parametrize("graph_step", [False, True])
 def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
-    tuned = lightning_internals.tuned(NNModule, graph_step)
+    tuned = internals.tuned(NNModule, graph_step)
     hooks = ["optimizer_zero_grad", "transfer_batch_to_device"] + (["training_step", "backward"] if graph_step else [])
     for hook in hooks:  # the hooks it replaces are still Lightning's hooks, called with the same parameters
         ours, theirs = inspect.signature(getattr(tuned, hook)), inspect.signature(getattr(L.LightningModule, hook))
@@ -131,13 +160,100 @@ def test_a_checkpoint_counts_micro_batches_where_recount_batches_looks(tmp_path,
         Tiny(), train_dataloaders=tiny_batches(8))
     ckpt = torch.load(path, weights_only=False)
     progress = ckpt
-    for key in lightning_internals.BATCH_PROGRESS:
+    for key in internals.BATCH_PROGRESS:
         progress = progress[key]
     assert progress["current"]["ready"] == progress["total"]["ready"] == 4
     if recount:
-        lightning_internals.recount_batches(ckpt, was=2, now=1)
+        internals.recount_batches(ckpt, was=2, now=1)
         assert progress["current"]["ready"] == 2
     torch.save(ckpt, path)
     trainer = quiet_trainer(max_epochs=1, accumulate_grad_batches=1)
     trainer.fit(Tiny(), train_dataloaders=tiny_batches(4), ckpt_path=path)
     assert (trainer.global_step == 4) is recount, trainer.global_step
+
+
+# ---------------------------------------------------------- adapters.sharded_strategy: ModelParallelStrategy
+SHARDED = {  # Lightning's ModelParallelStrategy -> the methods sharded_strategy replaces in it
+    "trainer": (ModelParallelStrategy, {"save_checkpoint", "load_checkpoint", "block_backward_sync"}),
+    "fabric": (FabricModelParallelStrategy, {"save_checkpoint", "load_checkpoint"}),
+}
+
+
+def parameters(function) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+
+@pytest.mark.parametrize("api", SHARDED)
+def test_sharded_strategy_replaces_methods_lightning_calls_with_the_parameters_it_passes(api):
+    """Lightning calls them by keyword (Fabric: ``save_checkpoint(path=, state=, filter=)``,
+    ``load_checkpoint(path=, state=, strict=, weights_only=)``; the Trainer: ``storage_options=``,
+    ``weights_only=``; its loop: ``block_backward_sync()``): each must still be Lightning's method, with the same
+    parameters in the same order and the same defaults."""
+    lightning_class, replaced = SHARDED[api]
+    ours = adapters.sharded_strategy(lightning_class)
+    assert {name for name, value in vars(ours).items() if callable(value)} == replaced
+    for name in sorted(replaced):
+        theirs = getattr(lightning_class, name, None)
+        assert callable(theirs), f"{lightning_class.__qualname__}.{name} is gone"
+        assert getattr(ours, name) is not theirs
+        assert parameters(getattr(ours, name)) == parameters(theirs), f"{lightning_class.__qualname__}.{name}"
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of one in this process: ModelParallelStrategy uses the one that is up. The variables
+    its setup exports (MASTER_ADDR/PORT, LOCAL_RANK, NODE_RANK, OMP_NUM_THREADS) are taken back afterwards: the
+    later tests' child processes inherit this environment."""
+    environ = dict(os.environ)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        tdist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+class ParallelTiny(Tiny):
+    def configure_model(self) -> None:
+        pass  # ModelParallelStrategy requires the hook; one process has nothing to shard (layout: test_fsdp.py)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # an optimizer state to restore
+
+
+def test_the_trainer_saves_resumes_and_accumulates_through_the_sharded_strategy(tmp_path, group_of_one):
+    """A Trainer with TrainerShardedStrategy (one process): its save_checkpoint gets Lightning's checkpoint dict with
+    the model under STATE_DICT and a list of OPTIMIZER_STATES, the keys its load_checkpoint rebuilds; a resume
+    through load_checkpoint restores weights, optimizer and step (Lightning reads OPTIMIZER_STATES from the dict it
+    returns); and the loop enters block_backward_sync on each accumulating micro-batch, not on the one that steps
+    -- where FSDP2's reduce-scatter is skipped."""
+    entered = []
+
+    class Probe(adapters.sharded_strategy(ModelParallelStrategy)):
+        @contextmanager
+        def block_backward_sync(self):
+            entered.append(self.lightning_module.trainer.global_step)
+            with super().block_backward_sync():
+                yield
+
+    def fit(max_steps: int, ckpt_path=None) -> tuple[L.Trainer, ParallelTiny]:
+        trainer = quiet_trainer(max_steps=max_steps, accumulate_grad_batches=2, plugins=[LightningEnvironment()],
+                                strategy=Probe(data_parallel_size=1, tensor_parallel_size=1))
+        module = ParallelTiny()
+        trainer.fit(module, train_dataloaders=tiny_batches(8), ckpt_path=ckpt_path)
+        return trainer, module
+
+    path = tmp_path / "step=2.ckpt"
+    trainer, module = fit(2)
+    assert entered == [0, 1]  # micro-batches 1 and 3 of 4 accumulate, 2 and 4 step
+    trainer.save_checkpoint(path)
+    meta = checkpoint.read(path / checkpoint.META)  # what is not a shard, as save_sharded stored it
+    assert set(meta[adapters.STATE_DICT]) == {"layer.weight", "layer.bias"}
+    assert isinstance(meta[adapters.OPTIMIZER_STATES], list) and len(meta[adapters.OPTIMIZER_STATES]) == 1
+    momentum = trainer.optimizers[0].state[module.layer.weight]["momentum_buffer"].clone()
+
+    resumed, again = fit(2, ckpt_path=path)  # max_steps reached: restored, not trained further
+    assert resumed.global_step == 2
+    assert torch.equal(again.layer.weight, module.layer.weight) and torch.equal(again.layer.bias, module.layer.bias)
+    assert torch.equal(resumed.optimizers[0].state[again.layer.weight]["momentum_buffer"], momentum)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist.core import checkpoint, data, dist, parallel
+from distmnist.core import data, dist
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.errors import exit_process
@@ -29,6 +29,7 @@ from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import CapturedStep, capture_applies
 from distmnist.core.stopping import CheckpointCadence
+from distmnist.lightning import adapters
 
 NAME = "fabric"
 
@@ -41,13 +42,13 @@ def train(cfg: Config) -> dict:
     strategy = "auto"
     if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
         strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
-    plugins = [checkpoint.checkpoint_io(), dist.lightning_environment(env)]
+    plugins = [adapters.checkpoint_io(), adapters.cluster_environment(env)]
     if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
-        strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
-            parallelize_fn=parallel.lightning_parallelize(cfg.train.precision),
+        strategy = adapters.sharded_strategy(ModelParallelStrategy)(
+            parallelize_fn=adapters.parallelize_fn(cfg.train.precision),
             data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s),
         )
-        plugins = [dist.lightning_environment(env)]  # it takes no CheckpointIO: checkpoints are DCP folders
+        plugins = [adapters.cluster_environment(env)]  # it takes no CheckpointIO: checkpoints are DCP folders
     fabric = Fabric(
         accelerator=env.device.type,
         devices=env.local_world_size,

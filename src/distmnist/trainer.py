@@ -9,7 +9,7 @@ What a Lightning user expects: a LightningModule (``training_step``, ``validatio
 (``use_distributed_sampler=False``: our sampler, not Lightning's), and callbacks for what the run records and for
 its checkpoints (the same cadence, graceful stop and resume position as ``ddp.py`` and ``fabric.py``), all given
 to ``Trainer(strategy=DDPStrategy, precision=...)``. Whatever reaches past Lightning's public API for speed or
-correctness is in ``lightning_internals.py``, not here.
+correctness is in ``lightning/internals.py``, not here.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist import lightning_internals
-from distmnist.core import checkpoint, data, dist, parallel
+from distmnist.core import data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
@@ -35,6 +34,7 @@ from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import capture_applies
 from distmnist.core.stopping import CheckpointCadence
+from distmnist.lightning import adapters, internals
 
 NAME = "trainer"
 
@@ -56,7 +56,7 @@ class NNModule(L.LightningModule):
         """train.parallel=fsdp: ModelParallelStrategy hands over its device mesh; the shard layout of core.parallel
         (FSDP2 on each Linear, then the root). With DDP there is no mesh and nothing to do."""
         if self.device_mesh is not None:
-            parallel.lightning_parallelize(self.cfg.train.precision)(self.model, self.device_mesh)
+            adapters.parallelize_fn(self.cfg.train.precision)(self.model, self.device_mesh)
 
     def forward(self, x):
         return self.model(x)
@@ -185,7 +185,7 @@ class RunCheckpoints(Callback):
         """Before Lightning makes the epoch's iterator: the loader starts where the checkpoint left the epoch."""
         self.state.load_state_dict(self.records.resume(ckpt["distmnist"]).state_dict())
         # Lightning counts micro-batches: a run resumed with another accumulation continues at the same step
-        lightning_internals.recount_batches(ckpt, ckpt["distmnist"].get("accumulate_grad_batches", 1),
+        internals.recount_batches(ckpt, ckpt["distmnist"].get("accumulate_grad_batches", 1),
                                             trainer.accumulate_grad_batches)
         trainer.datamodule.train_batches.set_epoch(self.state.epoch)
         trainer.datamodule.train_batches.skip(self.state.step_in_epoch)
@@ -195,7 +195,7 @@ class RunCheckpoints(Callback):
 def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)
     check_precision(cfg.train.precision, env.device)
-    lightning_internals.hush(cfg.train.quiet)
+    internals.hush(cfg.train.quiet)
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (nothing written)
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
@@ -208,7 +208,7 @@ def train(cfg: Config) -> dict:
         if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
             strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
         if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
-            strategy = checkpoint.sharded_strategy(ModelParallelStrategy)(
+            strategy = adapters.sharded_strategy(ModelParallelStrategy)(
                 data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)
             )
         trainer = L.Trainer(
@@ -219,7 +219,7 @@ def train(cfg: Config) -> dict:
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
             accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
-            logger=lightning_internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
+            logger=internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
             callbacks=[
                 RunRecords(records, state, fresh=found is None),
                 RunCheckpoints(run, records, state, cadence),
@@ -227,7 +227,7 @@ def train(cfg: Config) -> dict:
                 *([TQDMProgressBar(refresh_rate=20)] if records.show_progress else []),
             ],
             enable_checkpointing=False,  # RunCheckpoints writes them
-            plugins=[checkpoint.checkpoint_io(), dist.lightning_environment(env)],
+            plugins=[adapters.checkpoint_io(), adapters.cluster_environment(env)],
             use_distributed_sampler=False,
             num_sanity_val_steps=0,
             enable_progress_bar=records.show_progress,
@@ -235,10 +235,10 @@ def train(cfg: Config) -> dict:
             log_every_n_steps=cfg.train.log_every_n_steps,
             default_root_dir=str(run.path),
         )
-        lightning_internals.leave_sigterm_to_distmnist(trainer)
-        # NNModule with the speed-ups of lightning_internals (on one GPU at 32-true: the CUDA-graph step)
+        internals.leave_sigterm_to_distmnist(trainer)
+        # NNModule with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
-        module = lightning_internals.tuned(NNModule, graph_step)(cfg)
+        module = internals.tuned(NNModule, graph_step)(cfg)
         if found:
             records.say(f"resuming from {found}", always=True)
         cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75 (Lightning's own handler is left out)

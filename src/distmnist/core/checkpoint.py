@@ -2,8 +2,9 @@
 
 A checkpoint is one ``torch.save`` file written to a temporary name in the same folder, fsynced, then renamed:
 a reader sees the old file or the new one, never half of one. Raw DDP writes through :func:`save_state`,
-Fabric and the Lightning Trainer through :func:`checkpoint_io` (their ``CheckpointIO`` plugin), so all
-three strategies share the one writer and the one reader.
+Fabric and the Lightning Trainer through ``distmnist.lightning.adapters.checkpoint_io`` (their ``CheckpointIO``
+plugin, around :func:`atomic_torch_save` and :func:`read`), so all three strategies share the one writer and the
+one reader.
 
 A sharded checkpoint (``train.parallel=fsdp``) is a folder of the same name, ``step=<global step>.ckpt/``: every
 rank writes its own shards with ``torch.distributed.checkpoint`` (DCP; the coordinator writes its ``.metadata``),
@@ -422,62 +423,3 @@ def load_sharded(path: str | Path, templates: dict[str, Any]) -> dict[str, Any]:
         return _join(skeleton, shards)
     except KeyError as err:
         raise DistMnistError(f"checkpoint {path} holds shard {err} that this model does not have") from None
-
-
-def checkpoint_io():
-    """Fabric's / Lightning's CheckpointIO plugin with the atomic writer and the validated reader above."""
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO  # lightning only where it is used
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-            atomic_torch_save(checkpoint, path)
-
-        def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
-            return read(path)
-
-    return AtomicCheckpointIO()
-
-
-def sharded_strategy(strategy_class: type) -> type:
-    """Lightning's ``ModelParallelStrategy`` (Fabric's or the Trainer's, `strategy_class`) writing and reading the
-    sharded checkpoints above. Its own (Lightning 2.6) writes into the final folder directly (a crash leaves half a
-    checkpoint under the final name) and stores the optimizer's hyperparameters inside the DCP shards, which DCP
-    reads back with ``torch.load(weights_only=False)``; it takes no CheckpointIO plugin, so the two methods are
-    replaced, with the same signatures."""
-    import lightning.pytorch as pl
-
-    if issubclass(strategy_class, pl.strategies.Strategy):  # the Trainer's: a checkpoint dict in, a dict out
-
-        class TrainerShardedStrategy(strategy_class):
-            def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
-                save_sharded(filepath, checkpoint)
-
-            def load_checkpoint(self, checkpoint_path, weights_only=None):
-                state = {"state_dict": self.model, **{f"optimizer_{i}": o for i, o in enumerate(self.optimizers)}}
-                templates = sharded_state_dicts(state)
-                templates = {"state_dict": templates["state_dict"],
-                             "optimizer_states": [templates[f"optimizer_{i}"] for i in range(len(self.optimizers))]}
-                obj = load_sharded(checkpoint_path, templates)
-                restore_sharded({"state_dict": obj["state_dict"], **{f"optimizer_{i}": s for i, s in
-                                 enumerate(obj["optimizer_states"])}}, state)
-                return obj
-
-            @contextmanager
-            def block_backward_sync(self):
-                """Accumulating micro-steps skip FSDP2's reduce-scatter, as in ddp.py and fabric.py (Lightning 2.6's
-                ``ParallelStrategy.block_backward_sync`` knows only DDP's ``no_sync``)."""
-                from distmnist.core import parallel
-
-                with parallel.no_sync(self.model):
-                    yield
-
-        return TrainerShardedStrategy
-
-    class FabricShardedStrategy(strategy_class):  # Fabric's: like fabric.save / fabric.load
-        def save_checkpoint(self, path, state, storage_options=None, filter=None) -> None:
-            save_state(path, state, self.is_global_zero)
-
-        def load_checkpoint(self, path, state=None, strict=True, weights_only=None):
-            return load_state(path, state)
-
-    return FabricShardedStrategy

@@ -405,21 +405,3 @@ def ddp_kwargs(world_size: int) -> dict:
         return {}
     return {"bucket_cap_mb_list": [0]}
 
-
-def lightning_environment(env: DistEnv):
-    """The Lightning ClusterEnvironment of this launcher, named explicitly so Lightning never guesses otherwise.
-
-    (Lightning would otherwise pick SLURMEnvironment whenever SLURM_NTASKS is set, e.g. in a batch script that
-    runs torchrun, and print a hint about srun on machines that merely have it installed.)
-    """
-    from lightning.fabric.plugins.environments import (
-        LightningEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
-
-    if env.launcher == "torchrun":
-        return TorchElasticEnvironment()
-    if env.launcher == "slurm":
-        return SLURMEnvironment(auto_requeue=False)  # preemption is handled by distmnist for all strategies
-    return LightningEnvironment()

@@ -2,11 +2,12 @@
 
 With ``fsdp`` the shard layout is written once, here, and used as is by the three strategies: raw PyTorch calls
 :func:`shard` on its model, Fabric and the Trainer hand it to Lightning's ``ModelParallelStrategy`` as the
-parallelize function (Fabric: ``parallelize_fn``; Trainer: ``LightningModule.configure_model``). FSDP2
-(``torch.distributed.fsdp.fully_shard``): each ``Linear`` of the NNModel is one FSDP unit, then the root, on a 1-D
-device mesh over all processes; every parameter, its gradient and its optimizer state is split along dim 0, each
-rank keeping its rows (``DTensor`` with a ``Shard(0)`` placement). Forward and backward all-gather one layer's
-weights at a time; backward reduce-scatters the gradients (the mean over ranks, as DDP's all-reduce).
+parallelize function (``distmnist.lightning.adapters.parallelize_fn``; Fabric: ``parallelize_fn``; Trainer:
+``LightningModule.configure_model``). FSDP2 (``torch.distributed.fsdp.fully_shard``): each ``Linear`` of the
+NNModel is one FSDP unit, then the root, on a 1-D device mesh over all processes; every parameter, its gradient and
+its optimizer state is split along dim 0, each rank keeping its rows (``DTensor`` with a ``Shard(0)`` placement).
+Forward and backward all-gather one layer's weights at a time; backward reduce-scatters the gradients (the mean
+over ranks, as DDP's all-reduce).
 
 Precision: ``32-true`` -- no policy. ``bf16-mixed`` -- FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
 reduce_dtype=float32)``: the sharded parameters the optimizer updates stay float32, layers compute with bfloat16
@@ -49,16 +50,6 @@ def shard(model: nn.Module, device_mesh, precision: str) -> nn.Module:
             fully_shard(layer, mesh=device_mesh, mp_policy=policy)
     fully_shard(model, mesh=device_mesh, mp_policy=policy)
     return model
-
-
-def lightning_parallelize(precision: str):
-    """The parallelize function of Lightning's ``ModelParallelStrategy`` (``fn(module, device_mesh)``): its mesh
-    is 2-D (data_parallel x tensor_parallel, the latter of size 1 here), the shards go over data_parallel."""
-
-    def parallelize(module: nn.Module, device_mesh) -> nn.Module:
-        return shard(module, device_mesh["data_parallel"], precision)
-
-    return parallelize
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -117,7 +117,7 @@ def hush(quiet: bool) -> None:
     # 2.6 advertises a cloud logger on every start and trips a torch deprecation in its own pytree code
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    # its hint about srun is moot: the cluster environment is chosen explicitly (dist.lightning_environment)
+    # its hint about srun is moot: the cluster environment is chosen explicitly (adapters.cluster_environment)
     warnings.filterwarnings("ignore", message=r"The `srun` command is available")
     # mid-epoch resume is handled (RunCheckpoints.on_load_checkpoint positions the loader), unlike what it fears
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")

@@ -410,29 +410,35 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ resume at 3 ranks: DDP's gradient buckets
-def test_ddp_buckets_hold_one_parameter_each_before_and_after_the_rebuild(tmp_path):
-    """What exact resume at 3+ ranks relies on (dist.ddp_kwargs): each gradient is all-reduced in a bucket of its
-    own at the first step and after the Reducer's one-time rebuild, so no step sums an element in another place
-    of a flat buffer (the arguments for 3 ranks, in a group of one). Breaks when a torch upgrade changes how the
-    buckets are laid out."""
+def test_ddp_buckets_are_laid_out_once_before_the_first_step(tmp_path):
+    """What exact resume at 3+ ranks relies on (parallel.settle_buckets): torch's DDP lays its gradient buckets out
+    in definition order, then rebuilds them once after the first backward in gradient-ready order (reversed), so
+    the first step after a resume summed elements at other places of the flat buffer than the uninterrupted run.
+    Settled, the layout of the first step is the layout of every step. Breaks when a torch upgrade changes the
+    Reducer API it uses or how the buckets are rebuilt (a group of one process: the layout does not depend on it)."""
     import torch.distributed as tdist
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from distmnist.core import dist
+    from distmnist.core import parallel
     from distmnist.core.model import build_model
 
-    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = build_model([128, 128], 0)
-        net = DistributedDataParallel(model, **dist.ddp_kwargs(world_size=3))
-        sizes = sorted(p.numel() * p.element_size() for p in model.parameters())
-        for _ in range(3):  # the rebuild happens at the start of the second forward
+    def rebuilt_order(settle: bool) -> list[int]:
+        net = DistributedDataParallel(build_model([128, 128], 0))
+        if settle:
+            parallel.settle_buckets(net)
+        for _ in range(3):  # a stock rebuild happens at the start of the second forward
             net.zero_grad()
             F.cross_entropy(net(torch.randn(8, 1, 28, 28)), torch.randint(0, 10, (8,))).backward()
         info = net._get_ddp_logging_data()
-        assert sorted(int(s) for s in info["bucket_sizes"].split(", ")) == sizes, info["bucket_sizes"]
-        assert sorted(int(s) for s in info["rebuilt_bucket_sizes"].split(", ")) == sizes, info
+        assert info["has_rebuilt_buckets"] == 1, info
+        return [int(i) for i in info["rebuilt_per_bucket_param_indices"].split()]
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        initial = list(range(6))  # one bucket (0.47 MB < torch's 25 MB cap), the parameters in definition order
+        assert rebuilt_order(settle=False) == initial[::-1]  # stock: step 1 and the later steps differ
+        assert rebuilt_order(settle=True) == initial  # settled: the first step's layout, for good
     finally:
         tdist.destroy_process_group()
 
@@ -450,14 +456,13 @@ def reference_3_ranks(tmp_path_factory) -> Path:
 
 
 @slow
-# raw DDP and the Trainer (~40 s each); Fabric passes the same DDPStrategy keywords (and passes here too: add it
-# when the CI budget allows)
-@pytest.mark.parametrize("strategy", ["ddp", "trainer"])
+# each strategy settles DDP's buckets at its own place (ddp.py, fabric.py, the Trainer's RunCheckpoints)
+@pytest.mark.parametrize("strategy", ["ddp", "trainer", "fabric"])
 def test_sigterm_at_3_ranks_resumes_bit_identical(reference_3_ranks, tmp_path, strategy):
     """3 gloo ranks sum each gradient element in an order that depends on its place in the all-reduced buffer
     (2 ranks: a+b, whatever the order). SIGTERM to every rank mid-epoch, exit 75, the same command again: the weights
-    equal the uninterrupted run's bit for bit (they were 1e-8..1e-7 off while the first step after a resume used
-    DDP's initial bucket layout and the uninterrupted run the rebuilt one)."""
+    equal the uninterrupted run's bit for bit (they are 1e-8..1e-7 off with stock DDP, whose first step after a
+    resume uses its initial bucket layout where the uninterrupted run uses the rebuilt one: parallel.settle_buckets)."""
     run_dir = tmp_path / "run"
     log = open(tmp_path / "stopped.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(torchrun_cmd(f"distmnist.{strategy}", *THREE, f"run.dir={run_dir}", nproc=3),

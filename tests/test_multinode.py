@@ -4,8 +4,8 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
 - `sbatch --nodes=2 slurm/train.sh` for the three strategies (Trainer: one SLURM task per process; ddp/Fabric: one
   torchrun per node), 2 CPU processes per node: ranks on both hostnames, num_nodes 2, world size 4; each job gets
   SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
-  to one node with 4 processes resumed from the same step and to the uninterrupted run (a gradient bucket per
-  parameter: core/dist.ddp_kwargs);
+  to one node with 4 processes resumed from the same step and to the uninterrupted run (DDP's buckets laid out
+  once before the first step: core/parallel.settle_buckets);
 - `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
   bit-identical to the same one-node run;
 - a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time

@@ -49,9 +49,10 @@ def train(cfg: Config) -> dict:
         net = model
         if cfg.train.parallel == "fsdp":  # FSDP2: each Linear, then the root, sharded in place over all ranks
             net = model = parallel.shard(model, parallel.mesh(env), cfg.train.precision)
-        elif env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
+        elif env.world_size > 1:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
-            net = DistributedDataParallel(model, device_ids=device_ids, **dist.ddp_kwargs(env.world_size))
+            net = DistributedDataParallel(model, device_ids=device_ids)
+            parallel.settle_buckets(net)  # the gradient buckets laid out once: every step sums alike (resume exact)
         optimizer = build_optimizer(cfg.optim, model.parameters())  # FSDP: over this rank's shards
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         scaler = grad_scaler(cfg.train.precision, env.device)  # active for 16-mixed only

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist.core import data, dist
+from distmnist.core import data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.errors import exit_process
@@ -40,8 +40,8 @@ def train(cfg: Config) -> dict:
     run = RunDir(cfg, NAME, env)
     found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
     strategy = "auto"
-    if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
-        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
+    if env.world_size > 1:
+        strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
     plugins = [adapters.checkpoint_io(), adapters.cluster_environment(env)]
     if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
         strategy = adapters.sharded_strategy(ModelParallelStrategy)(
@@ -70,6 +70,7 @@ def train(cfg: Config) -> dict:
 
         model = build_model(cfg.model.hidden, cfg.seed)
         net = fabric.setup_module(model)  # moves `model` to the device, wraps it in DDP (or shards it in place: FSDP)
+        parallel.settle_buckets(net)  # the gradient buckets laid out once: every step sums alike (resume exact)
         optimizer = build_optimizer(cfg.optim, model.parameters())  # FSDP: over this rank's shards
         scheduler = build_scheduler(cfg.optim, optimizer, cfg.train.epochs * len(train_batches))
         optimizer = fabric.setup_optimizers(optimizer)

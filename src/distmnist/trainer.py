@@ -163,6 +163,8 @@ class RunCheckpoints(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.stepped = trainer.global_step
+        # DDP's gradient buckets in their final layout before the first step: every step sums alike (exact resume)
+        parallel.settle_buckets(trainer.strategy.model)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.stepped:  # accumulating
@@ -205,8 +207,8 @@ def train(cfg: Config) -> dict:
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)
         strategy = "auto"
-        if env.world_size > 1:  # 3+ processes: a gradient bucket per parameter (dist.ddp_kwargs)
-            strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s), **dist.ddp_kwargs(env.world_size))
+        if env.world_size > 1:  # its gradient buckets laid out once before the first step: RunCheckpoints
+            strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
         if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
             strategy = adapters.sharded_strategy(ModelParallelStrategy)(
                 data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)

@@ -8,7 +8,6 @@ No launcher at all means one process (world size 1).
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import socket
@@ -381,27 +380,3 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def ddp_kwargs(world_size: int) -> dict:
-    """The keyword arguments of ``DistributedDataParallel``, one place for the three strategies (``ddp.py`` passes
-    them to the wrapper, Fabric and the Trainer to ``DDPStrategy(**kwargs)``, which hands them on).
-
-    With 3 or more processes, one gradient bucket per parameter, from the first step on: the order in which an
-    element's sum is taken depends on where it sits in the flat bucket, and DDP's Reducer first puts all
-    parameters in one bucket in definition order, then after the first step rebuilds it once in gradient-ready
-    order (reversed). The first step after a resume used the initial layout where the uninterrupted run used the
-    rebuilt one, 1e-8..1e-7 off. A bucket per parameter has the same content before and after the rebuild, so every
-    step of every run sums the same way. Its price is one all-reduce per parameter instead of one per bucket, so
-    2 processes keep torch's buckets: a sum of two is the same in any order. (torch 2.14: ``bucket_cap_mb_list``
-    sets the caps of both the initial and the rebuilt buckets, where ``bucket_cap_mb`` sets only the rebuilt ones;
-    a cap of 0 closes each bucket after one parameter. Without that argument: torch's buckets, exact at 2
-    processes only; ``test_faults.py::test_ddp_buckets_hold_one_parameter_each_before_and_after_the_rebuild``
-    breaks when this changes.)
-    """
-    from torch.nn.parallel import DistributedDataParallel
-
-    if world_size <= 2 or "bucket_cap_mb_list" not in inspect.signature(DistributedDataParallel).parameters:
-        return {}
-    return {"bucket_cap_mb_list": [0]}
-

@@ -64,6 +64,28 @@ def _fsdp_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def settle_buckets(root: nn.Module) -> None:
+    """Every ``DistributedDataParallel`` in `root` (the wrapper itself, or a Lightning module that holds one) takes
+    its final gradient-bucket layout now, before the first step, so that every step of every run -- fresh or
+    resumed -- sums each gradient element at the same place of the same flat buffer.
+
+    Why: DDP's Reducer lays the buckets out in definition order, then after the first backward rebuilds them once
+    in the order the gradients became ready (reversed). With 3 or more processes the order in which gloo/NCCL sum an
+    element depends on its offset in the buffer, so the first step after a resume (initial layout) differed from
+    the uninterrupted run's step (rebuilt layout) by 1e-8..1e-7. This pushes every parameter as "rebuilt" and
+    rebuilds at once, as torch's own ``_DDPJoinHook`` does for a rank that has joined: the layout is then fixed for
+    the whole run, at torch's bucket sizes (one all-reduce per bucket, not per parameter). Private Reducer API
+    (torch 2.14); ``tests/test_faults.py::test_ddp_buckets_are_laid_out_once_before_the_first_step`` breaks
+    when it changes; without it, DDP keeps torch's behaviour (exact at 2 processes only)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for module in root.modules():
+        reducer = getattr(module, "reducer", None) if isinstance(module, DistributedDataParallel) else None
+        if reducer is not None and hasattr(reducer, "_push_all_rebuilt_params") and hasattr(reducer, "_rebuild_buckets"):
+            reducer._push_all_rebuilt_params()
+            reducer._rebuild_buckets()
+
+
 def no_sync(net: nn.Module, enabled: bool = True) -> AbstractContextManager:
     """The context of an accumulating micro-step: no gradient all-reduce (DDP's ``no_sync``) or reduce-scatter
     (FSDP2's ``set_requires_gradient_sync(False)`` on every FSDP unit, as Fabric's ``no_backward_sync`` does); the

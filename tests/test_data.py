@@ -1,4 +1,4 @@
-"""data.py: DistributedSampler-exact order, both loaders alike, exact evaluation shards, IDX files, prepare."""
+"""core/data/: DistributedSampler-exact order, both loaders alike, exact evaluation shards, IDX files, prepare."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import pytest
 from procs import child_env, ok, same_weights, torchrun, weights
 
 from distmnist.core import data
-from distmnist.core.data import RAW_FILES
+from distmnist.core.data import RAW_FILES, preparation
 from distmnist.core.errors import DistMnistError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -81,7 +81,7 @@ def test_a_stuck_download_is_cut_at_the_deadline(tmp_path):
     with data.PrepareLock("mnist", tmp_path, 1.0) as lock:
         start_t = time.monotonic()
         with pytest.raises(DistMnistError) as info:
-            data._within(start_t + 1.0, "downloading", lambda: time.sleep(30), lock)
+            preparation._within(start_t + 1.0, "downloading", lambda: time.sleep(30), lock)
         assert 1.0 <= time.monotonic() - start_t < 5
         assert lock.keep  # the stuck thread may still write: the lock stays held until the process exits
     lock.keep = False

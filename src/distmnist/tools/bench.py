@@ -59,7 +59,7 @@ def tutorial_dataset(cfg: Config, train: bool):
 
     if cfg.data.name == "synthetic":
         return data.ImageSet(*data.load_split(cfg.data, train))
-    ds = data._torchvision_class(cfg.data.name)(cfg.data.root, train=train, download=False, transform=ToTensor())
+    ds = data.torchvision_class(cfg.data.name)(cfg.data.root, train=train, download=False, transform=ToTensor())
     limit = cfg.data.train_samples if train else cfg.data.test_samples
     return torch.utils.data.Subset(ds, range(limit)) if limit else ds
 

@@ -600,3 +600,22 @@ def test_second_ctrl_c_quits_at_once(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     err = (tmp_path / "quit.log").read_text()
     assert rc == -signal.SIGINT and "Traceback" not in err, (rc, err[-3000:])
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
+    """A Ctrl-C in the first second (importing torch, or starting up): one line, exit 130, no KeyboardInterrupt
+    traceback from the middle of an import."""
+    proc = start_in_terminal(tmp_path, [sys.executable, "-m", "distmnist.ddp", *SINGLE, f"run.dir={tmp_path / 'run'}"],
+                             "starting")
+    try:
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "starting.log").read_text()
+    assert rc == 130, err[-3000:]
+    assert re.fullmatch(r"distmnist: interrupted \(Ctrl-C\) (while starting; nothing was run|outside the training "
+                        r"loop; .*)\n", err), err[-3000:]

@@ -188,6 +188,27 @@ def say(message: str, code: int, printer: str = "every", prefix: str = "distmnis
     return code
 
 
+def interrupted_while_starting(signum, frame) -> None:
+    """SIGINT's handler from the import of ``distmnist`` under ``python -m`` until an entry point's main starts
+    (report_errors, tools/torchrun.py): nothing has run yet, there is nothing to save. Under a launcher every
+    process gets the Ctrl-C: rank 0 says it."""
+    if process_rank() == 0:
+        os.write(2, b"distmnist: interrupted (Ctrl-C) while starting; nothing was run\n")
+    os._exit(INTERRUPTED_EXIT)
+
+
+def quiet_ctrl_c_while_starting() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, interrupted_while_starting)
+
+
+def stop_starting() -> None:
+    """An entry point's main has started: Ctrl-C raises KeyboardInterrupt again (report_errors makes it one line),
+    until the training loop takes it over."""
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75 (130
     after Ctrl-C), a Diverged exit 3; a collective that lost its peers exit 1; a start-up that not every process
@@ -195,6 +216,7 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+        stop_starting()
         try:
             return main(*args, **kwargs) or 0
         except StartupIncomplete as err:  # every process that came says it: the missing ones may say nothing

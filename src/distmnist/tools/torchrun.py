@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-from distmnist.core.errors import SAID_EXITS
+from distmnist.core.errors import SAID_EXITS, stop_starting
 
 # (logger, the start of a message template) of the agent's lines that a failure summary repeats (torch 2.x)
 AGENT_LINES = (
@@ -37,6 +37,7 @@ def quiet_agent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop_starting()  # torchrun's agent takes SIGINT over itself
     quiet_agent()
     try:
         torchrun_main(argv)

@@ -586,7 +586,7 @@ def test_second_ctrl_c_quits_at_once(tmp_path):
     second Ctrl-C ends the process at once, by SIGINT's default action: no traceback, no new checkpoint."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "distmnist.ddp", *SINGLE, "checkpoint.stop_check_every_n_steps=100000",
-           f"run.dir={run_dir}"]
+           "train.epochs=50", f"run.dir={run_dir}"]  # long enough to be running still at the second Ctrl-C
     proc = start_in_terminal(tmp_path, cmd, "quit")
     try:
         wait_for_checkpoint(proc, run_dir)

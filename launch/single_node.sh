@@ -17,10 +17,13 @@
 #
 # Several launches can share a machine: each uses `torchrun --standalone`, whose rendezvous store binds a port
 # the kernel picks (no port to choose, no race between two jobs). OMP_NUM_THREADS defaults to the CPU
-# cores divided by the processes. SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) is passed to torchrun as one SIGTERM:
-# every process checkpoints at the next agreed step boundary and stops; run the same command again to resume.
-# Exit code: torchrun's (0 done, 1 a process failed, 2 bad arguments to this script), or 128+signal after
-# a forwarded signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+# cores divided by the processes. SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) is passed on to the training processes:
+# every process checkpoints at the next agreed step boundary and stops, and rank 0 says so in one line; run the
+# same command again to resume. A second Ctrl-C ends them at once (no new checkpoint).
+# torchrun runs as distmnist.tools.torchrun, which ends with its workers' code and one line instead of torchrun's
+# traceback and failure summary. Exit code: 0 done, 2 a usage error (this script's or distmnist's, one line),
+# 3 diverged, 69 start-up incomplete, 1 a process failed (torchrun's summary), or 128+signal after a passed-on
+# signal (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
 #
 # Another number of processes, the same run: give the run a global batch (data.global_batch_size) and resume its
 # run.dir with any --nproc that divides it (data.batch_size x processes x train.accumulate_grad_batches must equal it;
@@ -95,24 +98,34 @@ if [ "$gpus" -gt 0 ]; then device="$gpus GPU(s) visible"; else device="no GPU: C
 echo "$prog: strategy=$strategy processes=$nproc ($device) OMP_NUM_THREADS=$OMP_NUM_THREADS" >&2
 
 stopped_by=0 pid=""
+workers() { pgrep -P "$pid" 2> /dev/null; } # torchrun's children: the training processes
 forward() { # signal name, number
-    [ "$stopped_by" = 0 ] || return 0 # once is enough; torchrun is already stopping its workers
+    if [ "$stopped_by" != 0 ]; then
+        # once is enough, but a second Ctrl-C is a user who wants out now: the processes quit at once
+        [ "$1" = INT ] || return 0
+        echo "$prog: second Ctrl-C: ending the training processes now, without a new checkpoint" >&2
+        kill -INT $(workers) 2> /dev/null
+        return 0
+    fi
     stopped_by=$2
-    echo "$prog: got SIG$1: asking the training processes to checkpoint and stop (SIGTERM to torchrun)" >&2
-    [ -z "$pid" ] || kill -TERM "$pid" 2> /dev/null
+    [ -n "$pid" ] || return 0
+    # straight to the training processes, which all stop at the same agreed step (not through torchrun, whose
+    # agent would answer with its traceback, and dies of SIGUSR1); none yet: torchrun passes a SIGTERM on
+    local procs
+    procs="$(workers)"
+    if [ -n "$procs" ]; then kill -"$1" $procs 2> /dev/null; else kill -TERM "$pid" 2> /dev/null; fi
 }
 trap 'forward INT 2' INT
 trap 'forward TERM 15' TERM
 trap 'forward USR1 10' USR1
 
-# torchrun runs in a process group of its own (job control), so a Ctrl-C at the terminal reaches only this
-# script, which turns it into one SIGTERM for torchrun -- and torchrun forwards SIGTERM to its workers,
-# which checkpoint and exit 75. (A SIGINT straight to the workers would raise KeyboardInterrupt mid-step.)
+# torchrun runs in a process group of its own (job control), and its workers each in a session of their own, so a
+# Ctrl-C at the terminal reaches only this script, which passes it on to the workers as one SIGINT.
 # torchrun starts with SIGUSR1 ignored: it would die of it, leaving its workers without a checkpoint.
 set -m
 (
     trap '' USR1
-    exec "${PYTHON:-python}" -m torch.distributed.run --standalone --nnodes=1 --nproc_per_node="$nproc" \
+    exec "${PYTHON:-python}" -m distmnist.tools.torchrun --standalone --nnodes=1 --nproc_per_node="$nproc" \
         --max_restarts=0 -m "distmnist.$strategy" "$@"
 ) &
 pid=$!
@@ -126,7 +139,10 @@ while :; do
     kill -0 "$pid" 2> /dev/null || break
 done
 if [ "$stopped_by" != 0 ]; then
-    echo "$prog: stopped (torchrun exit $rc); run the same command again to resume from the checkpoint" >&2
+    # 75 (SIGTERM, SIGUSR1) and 130 (SIGINT): rank 0 has said where it stopped and how to resume
+    if [ "$rc" != 75 ] && [ "$rc" != 130 ]; then
+        echo "$prog: stopped (torchrun exit $rc); run the same command again to resume from the newest checkpoint" >&2
+    fi
     exit $((128 + stopped_by))
 fi
 exit "$rc"

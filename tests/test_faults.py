@@ -486,3 +486,141 @@ def test_sigterm_at_3_ranks_resumes_bit_identical(reference_3_ranks, tmp_path, s
     diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert same_weights(got, ref), f"max |diff| {diff:.3g} to the uninterrupted run"
     assert metrics(run_dir)["val_loss"] == metrics(reference_3_ranks)["val_loss"]
+
+
+# ----------------------------------------------------------------------------------------------------- Ctrl-C
+# A Ctrl-C at a terminal is a SIGINT to the terminal's foreground process group: here the launched command runs in a
+# session of its own and the test signals that whole group, as the terminal would. torchrun starts its workers in
+# sessions of their own, so under torchrun the SIGINT reaches the agent, which passes it on to every worker.
+WRAPPER = "distmnist.tools.torchrun"  # torchrun that ends with its workers' code and line (launch/single_node.sh)
+
+
+def start_in_terminal(tmp: Path, cmd: list[str], name: str, **env: str) -> subprocess.Popen:
+    log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=tmp, env=child_env(**env), stdout=subprocess.DEVNULL, stderr=log, text=True,
+                            start_new_session=True)
+
+
+def ctrl_c(proc: subprocess.Popen, run_dir: Path, timeout: float = 120) -> int:
+    """SIGINT to the process group once the first checkpoint is there; the exit code."""
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def stopped_at(err: str, run_dir: Path) -> int:
+    """The step of the one 'stopped by SIGINT' line; its checkpoint is the newest one, mid-epoch."""
+    stopped = re.findall(r"^distmnist: stopped by SIGINT at step (\d+) \(epoch 1\); checkpoint (\S+); run the same "
+                         r"command again to resume$", err, re.MULTILINE)
+    assert len(stopped) == 1, err[-3000:]
+    step = int(stopped[0][0])
+    newest = checkpoint.listing(run_dir / "checkpoints")[0]
+    assert newest == Path(stopped[0][1]) or newest.name == Path(stopped[0][1]).name
+    meta = checkpoint.read(newest)["distmnist"]
+    assert meta["global_step"] == step and 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
+    assert not (run_dir / "model.pt").exists()
+    return step
+
+
+@slow
+@pytest.mark.parametrize("strategy,launcher", [("ddp", WRAPPER), ("ddp", "torch.distributed.run"),
+                                               ("trainer", WRAPPER), ("fabric", WRAPPER)])
+def test_ctrl_c_under_torchrun_checkpoints_every_rank_then_resumes_exactly(reference, tmp_path, strategy, launcher):
+    """Ctrl-C: the agreed stop of SIGTERM (every rank at the same step, one checkpoint), one line from rank 0 and no
+    traceback of ours; distmnist.tools.torchrun then exits 130 with nothing more. Plain torchrun adds what its agent
+    prints on a signal -- its own traceback (SignalException) -- and exits 1: the one part distmnist cannot remove.
+    The same command resumes and ends with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node=2", "-m", f"distmnist.{strategy}",
+           *FAULT, f"run.dir={run_dir}"]
+    rc = ctrl_c(start_in_terminal(tmp_path, cmd, "stopped"), run_dir)
+    err = (tmp_path / "stopped.log").read_text()
+    stopped_at(err, run_dir)
+    if launcher == WRAPPER:
+        assert rc == 130, err[-3000:]
+        assert not re.search(r"Traceback|elastic|FAILED", err), err[-3000:]  # torchrun's agent says nothing
+    else:
+        assert rc == 1, err[-3000:]
+        ours, theirs = err.split("Traceback (most recent call last):", 1)
+        assert "Traceback" not in ours and "SignalException: Process" in theirs and "distmnist" not in theirs, err
+
+    again = ok(subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300))
+    assert "resuming from" in again.stdout
+    assert_same_run(run_dir, reference)
+
+
+SINGLE = ("-c", "smoke", "data.train_samples=6000", "train.epochs=2", "checkpoint.every_n_steps=20",
+          "dist.timeout_s=30")
+
+
+@pytest.fixture(scope="module")
+def reference_one_process(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("reference1")
+    ok(run_module("distmnist.ddp", *SINGLE, f"run.dir={tmp / 'run'}", cwd=tmp))
+    return tmp / "run"
+
+
+@slow
+def test_ctrl_c_in_one_process_exits_130_then_resumes_exactly(reference_one_process, tmp_path):
+    """`python -m distmnist.ddp` in a terminal, Ctrl-C: a checkpoint, one line, exit 130 (not the 30-line
+    KeyboardInterrupt traceback); through exit_process (an interpreter teardown would abort: procs.teardown_aborts).
+    The same command resumes to the uninterrupted weights."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distmnist.ddp", *SINGLE, f"run.dir={run_dir}"]
+    proc = start_in_terminal(tmp_path, cmd, "stopped", DISTMNIST_TEST_ABORT_AT_TEARDOWN="1", **teardown_aborts(tmp_path))
+    rc = ctrl_c(proc, run_dir)
+    err = (tmp_path / "stopped.log").read_text()
+    assert rc == 130, err[-3000:]
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    step = int(re.search(r"stopped by SIGINT at step (\d+)", err).group(1))
+    assert checkpoint.read(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]["global_step"] == step
+
+    again = ok(subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300))
+    assert f"step={step:08d}.ckpt" in again.stdout
+    assert same_weights(weights(run_dir), weights(reference_one_process))
+    assert metrics(run_dir)["val_loss"] == metrics(reference_one_process)["val_loss"]
+
+
+@slow
+def test_second_ctrl_c_quits_at_once(tmp_path):
+    """The first Ctrl-C asks for the agreed stop; before it comes (here: never, the stop check is out of reach) a
+    second Ctrl-C ends the process at once, by SIGINT's default action: no traceback, no new checkpoint."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "distmnist.ddp", *SINGLE, "checkpoint.stop_check_every_n_steps=100000",
+           "train.epochs=50", f"run.dir={run_dir}"]  # long enough to be running still at the second Ctrl-C
+    proc = start_in_terminal(tmp_path, cmd, "quit")
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the first Ctrl-C did not wait for the agreed stop"
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "quit.log").read_text()
+    assert rc == -signal.SIGINT and "Traceback" not in err, (rc, err[-3000:])
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_starting_is_one_line_exit_130(tmp_path):
+    """A Ctrl-C in the first second (importing torch, or starting up): one line, exit 130, no KeyboardInterrupt
+    traceback from the middle of an import."""
+    proc = start_in_terminal(tmp_path, [sys.executable, "-m", "distmnist.ddp", *SINGLE, f"run.dir={tmp_path / 'run'}"],
+                             "starting")
+    try:
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "starting.log").read_text()
+    assert rc == 130, err[-3000:]
+    assert re.fullmatch(r"distmnist: interrupted \(Ctrl-C\) (while starting; nothing was run|outside the training "
+                        r"loop; .*)\n", err), err[-3000:]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -111,6 +112,38 @@ def test_sigterm_to_the_launcher_checkpoints_and_stops(tmp_path):
     assert stop, out[-5000:]
     assert (run_dir / "checkpoints" / f"step={int(stop.group(1)):08d}.ckpt").is_file()
     assert not (run_dir / "model.pt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_to_the_launcher_checkpoints_says_one_line_and_resumes(tmp_path):
+    """Ctrl-C at the terminal (SIGINT to the script's process group): the script passes one SIGINT to the training
+    processes, every rank stops at the agreed step with a checkpoint, rank 0 says so in one line, exit 130; no
+    torchrun traceback. The same command resumes and finishes."""
+    run_dir = tmp_path / "run"
+    cmd = [SINGLE_NODE, "--nproc", "2", "--", "-c", "smoke", "data.train_samples=40000", "checkpoint.every_n_steps=50",
+           "dist.timeout_s=60", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any((run_dir / "checkpoints").glob("step=*.ckpt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the end"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-5000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("single_node.sh: strategy=ddp"), err[-5000:]
+    stop = re.fullmatch(r"distmnist: stopped by SIGINT at step (\d+) \(epoch 1\); checkpoint (\S+); run the same "
+                        r"command again to resume", lines[1])
+    assert stop, lines
+    assert (run_dir / "checkpoints" / f"step={int(stop.group(1)):08d}.ckpt").is_file()
+    rc, out = finish(start(cmd, tmp_path))
+    assert rc == 0 and f"resuming from {run_dir}/checkpoints/step={int(stop.group(1)):08d}.ckpt" in out, out[-5000:]
+    assert metrics(run_dir)["epochs"] == 2
 
 
 @pytest.mark.timeout(60)

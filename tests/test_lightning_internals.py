@@ -94,6 +94,50 @@ def test_the_sigterm_handler_inside_fit_is_the_one_installed_before(left_to_dist
     assert (seen == [ours]) == left_to_distmnist, seen
 
 
+def test_the_sigint_handler_inside_fit_is_the_one_installed_before():
+    """Ctrl-C: Lightning 2.6 leaves SIGINT's handler alone during fit, so distmnist's (installed before fit)
+    records the Ctrl-C and the agreed stop follows, as in raw DDP and Fabric."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    def ours(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGINT, ours)
+    try:
+        trainer = quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=[Probe()])
+        internals.leave_sigterm_to_distmnist(trainer)
+        trainer.fit(BoringModel())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [ours, ours], seen
+
+
+def test_lightning_turns_a_keyboard_interrupt_in_fit_into_exit_1():
+    """What a Ctrl-C would do to a Trainer run if SIGINT were not distmnist's during fit: Lightning catches the
+    KeyboardInterrupt ("Detected KeyboardInterrupt, attempting graceful shutdown"), ignores SIGINT while it tears
+    down, and exits 1, with no checkpoint. When this changes, so may the reason core.stopping takes SIGINT over
+    before fit."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Interrupted(BoringModel):
+        def training_step(self, batch, batch_idx):
+            raise KeyboardInterrupt
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            quiet_trainer(max_steps=1, limit_val_batches=0).fit(Interrupted())
+        assert stop.value.code == 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_lightning_names_the_running_hook_in_current_fx_name():
     module = internals.tuned(NNModule)(load_config("smoke"))
     assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply

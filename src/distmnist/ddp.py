@@ -106,7 +106,7 @@ def train(cfg: Config) -> dict:
         records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
-        cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75
+        cadence.install()  # SIGTERM/SIGUSR1/SIGINT (Ctrl-C) -> checkpoint, exit 75 / 130
         records.begin_training(state)
         for epoch in range(state.epoch, cfg.train.epochs):
             train_batches.set_epoch(epoch)

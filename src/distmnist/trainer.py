@@ -148,7 +148,7 @@ class RunRecords(Callback):
 
 class RunCheckpoints(Callback):
     """The shared checkpoint policy: end of epoch, every checkpoint.every_n_steps steps, and at the step the
-    ranks agree on after a SIGTERM/SIGUSR1 (then exit 75). Each checkpoint carries the TrainState; resuming
+    ranks agree on after a SIGTERM/SIGUSR1/SIGINT (then exit 75 / 130). Each checkpoint carries the TrainState; resuming
     positions the data mid-epoch where the checkpoint left it."""
 
     def __init__(self, run: RunDir, records: Records, state: TrainState, cadence: CheckpointCadence) -> None:
@@ -243,7 +243,7 @@ def train(cfg: Config) -> dict:
         module = internals.tuned(NNModule, graph_step)(cfg)
         if found:
             records.say(f"resuming from {found}", always=True)
-        cadence.install()  # SIGTERM/SIGUSR1 -> checkpoint, exit 75 (Lightning's own handler is left out)
+        cadence.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)
         with run.removed_if_refused():
             trainer.fit(module, datamodule=MNISTData(cfg, env), ckpt_path=found)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit

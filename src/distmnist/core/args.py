@@ -12,14 +12,15 @@ import sys
 from collections.abc import Callable
 
 from distmnist.core.config import Config, load_config
-from distmnist.core.errors import USAGE_EXIT, report_errors
+from distmnist.core.errors import USAGE_EXIT, alike_on_every_rank, report_errors, say
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line and exit code 2 (argparse's own code)."""
+    """argparse that reports usage errors as one line and exit code 2 (argparse's own code); under a launcher,
+    local rank 0 alone prints it (every process parses the same command line)."""
 
     def error(self, message: str):  # noqa: D401
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        say(f"{self.prog}: error: {message} (see {self.prog} --help)", USAGE_EXIT, "local", prefix="")
         sys.exit(USAGE_EXIT)
 
 
@@ -41,9 +42,11 @@ def strategy_parser(prog: str) -> Parser:
 
 
 def parse_strategy_args(strategy: str, argv: list[str] | None = None) -> Config:
-    """The config of `python -m distmnist.<strategy> [-c CONFIG] [key=value ...]` (DistMnistError if bad)."""
+    """The config of `python -m distmnist.<strategy> [-c CONFIG] [key=value ...]` (UsageError if bad: every process
+    of a launch reads the same arguments and config files, and local rank 0 alone says what is wrong)."""
     args = strategy_parser(f"python -m distmnist.{strategy}").parse_intermixed_args(argv)
-    return load_config(args.config, config_of(args))
+    with alike_on_every_rank():
+        return load_config(args.config, config_of(args))
 
 
 @report_errors

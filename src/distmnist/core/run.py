@@ -20,7 +20,7 @@ from typing import Any
 from distmnist.core import checkpoint, config, dist
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
-from distmnist.core.errors import DistMnistError
+from distmnist.core.errors import DistMnistError, alike_on_every_rank
 from distmnist.core.model import hidden_from_state_dict
 from distmnist.core.state import TrainState
 
@@ -42,7 +42,8 @@ class RunDir:
         self.cfg, self.strategy, self.env = cfg, strategy, env
         # batch x processes x accumulation = data.global_batch_size, or one line saying what to change (before
         # anything is written)
-        self.batching = config.batching(cfg, env.world_size)
+        with alike_on_every_rank():  # said once per node (local rank 0): every process computes it alike
+            self.batching = config.batching(cfg, env.world_size)
         self.path = cfg.run_dir(strategy)
         self.config_yaml = self.path / "config.yaml"
         self.tb_dir = self.path / "tb"
@@ -71,9 +72,11 @@ class RunDir:
         """Check the run dir can be ours and find the checkpoint to resume from (every rank, before any process
         group). Nothing is written: a refused run leaves the run dir exactly as it was. Every rank reads the
         newest checkpoint here (a few hundred kB) so that every rank reaches the same refusal on its own: a
-        rank-0-only check would leave the others waiting in a collective until the timeout."""
-        self.check_owner()
-        found = checkpoint.newest_good(self.ckpt_dir, self.check_checkpoint, quiet=not self.env.is_zero)
+        rank-0-only check would leave the others waiting in a collective until the timeout. A refusal is the same
+        on every process of a node (the same files): local rank 0 alone says it."""
+        with alike_on_every_rank():
+            self.check_owner()
+            found = checkpoint.newest_good(self.ckpt_dir, self.check_checkpoint, quiet=not self.env.is_zero)
         return found[0] if found else None
 
     @staticmethod

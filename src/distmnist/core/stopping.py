@@ -1,5 +1,7 @@
 """Graceful stop: SIGTERM or SIGUSR1 (what SLURM and torchrun send before preemption, a time limit or a restart)
-makes every rank write one checkpoint at the same step boundary and exit with :data:`STOPPED_EXIT`.
+makes every rank write one checkpoint at the same step boundary and exit with :data:`STOPPED_EXIT` (75); Ctrl-C
+(SIGINT) does the same and exits with :data:`INTERRUPTED_EXIT` (130, core/errors.py says why). A second Ctrl-C
+finds SIGINT's default action back and ends the process at once, so a user can always get out.
 
 The signal handler only records the signal. Every ``checkpoint.stop_check_every_n_steps`` steps the ranks agree
 with one small all-reduce (MAX) whether any of them was signalled, so they all stop after the same step and no
@@ -21,7 +23,7 @@ from distmnist.core.metrics import TrainTally
 from distmnist.core.records import Records
 from distmnist.core.state import TrainState
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -44,6 +46,8 @@ class StopRequest:
 
     def _record(self, signum, frame) -> None:
         self.signum = self.signum or signum
+        if signum == signal.SIGINT:  # the next Ctrl-C is not asked: it ends the process (no traceback either)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def agreed(self, device: torch.device, flag: torch.Tensor | None = None) -> tuple[int, int]:
         """(the signal any rank received or 0, the largest `flag` of any rank or 0): a collective with several
@@ -69,7 +73,8 @@ def signal_name(signum: int) -> str:
 
 class CheckpointCadence:
     """When the training loop writes a mid-epoch checkpoint: every ``checkpoint.every_n_steps`` steps, and at the
-    step the ranks agree on after a SIGTERM/SIGUSR1 -- after which training stops (exit 75; a rerun resumes).
+    step the ranks agree on after a SIGTERM/SIGUSR1/SIGINT -- after which training stops (exit 75, or 130 after
+    Ctrl-C; a rerun resumes).
     The end-of-epoch checkpoint is not its business: it follows the evaluation.
 
     It also stops a run that diverged (exit 3) before anything non-finite is written: the stop check's all-reduce
@@ -108,7 +113,7 @@ class CheckpointCadence:
         if self.signum:
             raise Stopped(
                 f"stopped by {signal_name(self.signum)} at step {state.global_step} (epoch {state.epoch + 1}); "
-                f"checkpoint {path}; run the same command again to resume"
+                f"checkpoint {path}; run the same command again to resume", self.signum
             )
 
     def check_finite(self, state: TrainState, model: torch.nn.Module) -> None:

@@ -88,10 +88,14 @@ def tuned(module_class: type, graph_step: bool = False) -> type:
 
 
 def leave_sigterm_to_distmnist(trainer) -> None:
-    """distmnist's StopRequest (core.stopping) owns SIGTERM/SIGUSR1 from before fit to the end: the ranks agree on
-    a step, write a checkpoint and exit 75. Lightning 2.6 registers a SIGTERM handler of its own when fit starts
-    (SignalConnector.register_signal_handlers); a SIGTERM after that makes it raise SIGTERMException at the next
-    step and end the run with exit 0 and no checkpoint. So its registration is skipped, and so is the broadcast of
+    """distmnist's StopRequest (core.stopping) owns SIGTERM/SIGUSR1/SIGINT from before fit to the end: the ranks
+    agree on a step, write a checkpoint and exit 75 (130 after Ctrl-C). Lightning 2.6 leaves SIGINT alone but catches
+    the KeyboardInterrupt a Ctrl-C raises inside fit (``trainer.call._call_and_handle_interrupt``: its own "Detected
+    KeyboardInterrupt" line, on_exception, SIGINT ignored from then on, ``sys.exit(1)``, no checkpoint); with
+    SIGINT taken over before fit no KeyboardInterrupt is raised, and the Trainer stops as raw DDP and Fabric do
+    (the stop's exception passes through Lightning's on_exception like any other). Its SIGTERM handler, registered
+    when fit starts (SignalConnector.register_signal_handlers), would make a SIGTERM raise SIGTERMException at the
+    next step and end the run with exit 0 and no checkpoint. So its registration is skipped, and so is the broadcast of
     its (now always unset) flag that it runs before every training step with several processes (`.item()`: a host
     sync and a collective per step). A Lightning without these methods is left alone."""
     connector = getattr(trainer, "_signal_connector", None)

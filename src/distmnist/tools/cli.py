@@ -19,12 +19,16 @@ import sys
 from distmnist import __version__
 from distmnist.core.args import Parser, add_config_args, config_of
 from distmnist.core.config import STRATEGIES, load_config
-from distmnist.core.errors import DistMnistError, exit_process, report_errors
+from distmnist.core.errors import DistMnistError, alike_on_every_rank, exit_process, report_errors
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise DistMnistError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
 
 
 def train_with(strategy: str, cfg) -> dict:
-    if strategy not in STRATEGIES:
-        raise DistMnistError(f"unknown strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    check_strategy(strategy)
     module = importlib.import_module(f"distmnist.{strategy}")
     return module.train(cfg)
 
@@ -72,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         from distmnist.core.run import run_strategy  # not at import: `distmnist --help` stays quick
 
         strategy = args.strategy or (args.config and run_strategy(args.config)) or "ddp"
-        train_with(strategy, load_config(args.config, config_of(args)))
+        with alike_on_every_rank():  # every process of a launch reads the same arguments: said once
+            check_strategy(strategy)
+            cfg = load_config(args.config, config_of(args))
+        train_with(strategy, cfg)
         return 0
     args = build_parser().parse_args(argv)
     if args.command == "data":

@@ -103,7 +103,7 @@ def test_save_and_load_state_restores_exact_tensors(tmp_path):
     path = checkpoint.step_path(tmp_path / "checkpoints", 5)
     meta = {"format": checkpoint.FORMAT, "epoch": 1, "global_step": 5}
     model, optimizer, scheduler = original
-    checkpoint.save_state(
+    checkpoint.all_save_state(
         path, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "distmnist": meta}
     )
     assert path.is_file() and path.name == "step=00000005.ckpt"
@@ -111,7 +111,7 @@ def test_save_and_load_state_restores_exact_tensors(tmp_path):
     restored = training_state(seed=1)  # other weights, no momentum, schedule at step 0
     assert not torch.equal(restored[0].linear_relu_stack[0].weight, model.linear_relu_stack[0].weight)
     state = {"model": restored[0], "optimizer": restored[1], "scheduler": restored[2]}
-    rest = checkpoint.load_state(checkpoint.read(path), state)
+    rest = checkpoint.all_load_state(checkpoint.read(path), state)
     assert rest == {"distmnist": meta}
     assert restored[1].state, "momentum buffers were not restored"
     assert_same_state(original, restored)
@@ -125,7 +125,7 @@ def test_save_and_load_state_restores_exact_tensors(tmp_path):
 def test_save_state_stores_state_dicts_not_objects(tmp_path):
     model, optimizer, scheduler = training_state(seed=0)
     path = tmp_path / "c.ckpt"
-    checkpoint.save_state(path, {"model": model, "optimizer": optimizer, "step": 3})
+    checkpoint.all_save_state(path, {"model": model, "optimizer": optimizer, "step": 3})
     obj = torch.load(path, weights_only=True)  # plain tensors and containers only
     assert set(obj) == {"model", "optimizer", "step"}
     assert obj["step"] == 3
@@ -136,7 +136,7 @@ def test_save_state_stores_state_dicts_not_objects(tmp_path):
 # ------------------------------------------------------------------------------------------ damaged files
 def good_checkpoint(path, step: int = 1):
     model = build_model([16], seed=step)
-    checkpoint.save_state(path, {"model": model, "distmnist": {"global_step": step}})
+    checkpoint.all_save_state(path, {"model": model, "distmnist": {"global_step": step}})
     return path
 
 

@@ -21,7 +21,7 @@ from distmnist.core import data, dist, parallel
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.errors import exit_process
-from distmnist.core.metrics import EvalMetrics, TrainTally, evaluate
+from distmnist.core.metrics import EvalMetrics, TrainTally, all_evaluate
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
 from distmnist.core.precision import check_precision
 from distmnist.core.records import Records
@@ -61,7 +61,7 @@ def train(cfg: Config) -> dict:
     fabric.launch()  # uses the process group that is up
     try:
         records = Records(run)
-        data.ensure_available(cfg.data, env)
+        data.all_ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
         # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
         train_batches = data.train_batches(cfg, env, split)
@@ -102,16 +102,16 @@ def train(cfg: Config) -> dict:
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
 
-        def save_checkpoint(state: TrainState):
-            state.tally = tally.state()  # a collective: every rank is here at the same step
-            cadence.check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
+        def all_save_checkpoint(state: TrainState):
+            state.tally = tally.all_state()  # a collective: every rank is here at the same step
+            cadence.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
             fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes (FSDP: each rank its shards), all wait
             run.prune(state.global_step)
             return path
 
         state = TrainState()
-        if (path := run.agreed(found)) is not None:  # rank 0's choice, loaded by every rank
+        if (path := run.all_agree(found)) is not None:  # rank 0's choice, loaded by every rank
             rest = fabric.load(path, stateful)
             state = records.resume(rest["distmnist"])
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
@@ -132,17 +132,17 @@ def train(cfg: Config) -> dict:
                 state.advance()
                 records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
                 scheduler.step()
-                if cadence.due(state, len(train_batches), tally):
-                    path = save_checkpoint(state)
+                if cadence.all_due(state, len(train_batches), tally):
+                    path = all_save_checkpoint(state)
                     cadence.stop_if_signalled(state, path)
             train_s = records.epoch_seconds(sync=True)
-            val = evaluate(model, eval_batches, metrics, fabric.autocast, env.device)
-            records.end_epoch(state, tally.compute(), val, train_s)
+            val = all_evaluate(model, eval_batches, metrics, fabric.autocast, env.device)
+            records.end_epoch(state, tally.all_compute(), val, train_s)
             state.next_epoch()
-            save_checkpoint(state)
+            all_save_checkpoint(state)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
 
-        summary = records.finish(model, state)
+        summary = records.all_finish(model, state)
         fabric.barrier()
         return summary
     finally:

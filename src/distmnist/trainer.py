@@ -94,7 +94,7 @@ class MNISTData(L.LightningDataModule):
         self.cfg, self.env = cfg, env
 
     def setup(self, stage: str) -> None:
-        data.ensure_available(self.cfg.data, self.env)  # local rank 0 prepares (locked), the others wait
+        data.all_ensure_available(self.cfg.data, self.env)  # local rank 0 prepares (locked), the others wait
         self.split = data.load_split(self.cfg.data, train=True)
         self.train_batches = data.train_batches(self.cfg, self.env, self.split)
         self.eval_batches = data.eval_batches(self.cfg, self.env)
@@ -143,7 +143,7 @@ class RunRecords(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         val = pl_module.val_metrics.compute()  # synced over ranks by torchmetrics
-        self.records.end_epoch(self.state, pl_module.tally.compute(), val, self.train_s)
+        self.records.end_epoch(self.state, pl_module.tally.all_compute(), val, self.train_s)
 
 
 class RunCheckpoints(Callback):
@@ -155,7 +155,7 @@ class RunCheckpoints(Callback):
         self.run, self.records, self.state, self.cadence = run, records, state, cadence
         self.stepped = 0  # trainer.global_step at the last batch end seen (accumulating batches do not step)
 
-    def save(self, trainer: L.Trainer):
+    def all_save(self, trainer: L.Trainer):
         path = self.run.checkpoint_path(trainer.global_step)
         trainer.save_checkpoint(path, weights_only=False)
         self.run.prune(trainer.global_step)
@@ -170,17 +170,17 @@ class RunCheckpoints(Callback):
         if trainer.global_step == self.stepped:  # accumulating
             return
         self.stepped = trainer.global_step
-        if self.cadence.due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
-            path = self.save(trainer)
+        if self.cadence.all_due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
+            path = self.all_save(trainer)
             self.cadence.stop_if_signalled(self.state, path)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.state.next_epoch()
-        self.save(trainer)
+        self.all_save(trainer)
 
     def on_save_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
-        self.state.tally = pl_module.tally.state()  # a collective: save_checkpoint runs on every rank
-        self.cadence.check_finite(self.state, pl_module.model)  # diverged: stop (exit 3) before writing it
+        self.state.tally = pl_module.tally.all_state()  # a collective: save_checkpoint runs on every rank
+        self.cadence.all_check_finite(self.state, pl_module.model)  # diverged: stop (exit 3) before writing it
         ckpt["distmnist"] = self.records.checkpoint_meta(self.state)
 
     def on_load_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
@@ -203,7 +203,7 @@ def train(cfg: Config) -> dict:
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
     # from rank 0's choice of checkpoint, as in ddp.py and fabric.py -- a node-local run dir may differ
     with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
-        found = run.agreed(found)
+        found = run.all_agree(found)
         records, state = Records(run), TrainState()
         cadence = CheckpointCadence(cfg, env.device, records)
         strategy = "auto"
@@ -247,7 +247,7 @@ def train(cfg: Config) -> dict:
         with run.removed_if_refused():
             trainer.fit(module, datamodule=MNISTData(cfg, env), ckpt_path=found)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
-        summary = records.finish(module.model, state)
+        summary = records.all_finish(module.model, state)
         dist.barrier()
         return summary
 

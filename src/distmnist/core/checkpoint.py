@@ -1,7 +1,7 @@
 """Checkpoints: atomic writes, validated reads, newest-good-first resume.
 
 A checkpoint is one ``torch.save`` file written to a temporary name in the same folder, fsynced, then renamed:
-a reader sees the old file or the new one, never half of one. Raw DDP writes through :func:`save_state`,
+a reader sees the old file or the new one, never half of one. Raw DDP writes through :func:`all_save_state`,
 Fabric and the Lightning Trainer through ``distmnist.lightning.adapters.checkpoint_io`` (their ``CheckpointIO``
 plugin, around :func:`atomic_torch_save` and :func:`read`), so all three strategies share the one writer and the
 one reader.
@@ -183,7 +183,7 @@ def _state_of(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") and callable(obj.state_dict) else obj
 
 
-def save_state(path: str | Path, state: dict[str, Any], is_zero: bool = True) -> None:
+def all_save_state(path: str | Path, state: dict[str, Any], is_zero: bool = True) -> None:
     """Like ``fabric.save`` (every rank calls it; all wait until it is written): modules, optimizers and scalers
     in `state` are stored as their state_dicts -- by rank 0 in one file, or, for a sharded model (FSDP), by every
     rank into one sharded checkpoint."""
@@ -197,7 +197,7 @@ def save_state(path: str | Path, state: dict[str, Any], is_zero: bool = True) ->
     dist.barrier()
 
 
-def load_state(source: str | Path | dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+def all_load_state(source: str | Path | dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
     """Like ``fabric.load``: restore the stateful objects of `state` in place from `source` -- a checkpoint
     :func:`read` already, or the path of one (a single file, or a sharded folder: every rank reads its shards) --
     and return the other entries."""

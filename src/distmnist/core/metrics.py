@@ -69,7 +69,7 @@ class EvalMetrics(nn.Module):
 
 
 @torch.no_grad()
-def evaluate(
+def all_evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     metrics: EvalMetrics,
@@ -106,7 +106,7 @@ class TrainTally:
         """1 (on the device, no host sync) if a non-finite loss went into this epoch's sums, else 0."""
         return (~torch.isfinite(self.loss_sum)).to(torch.int32)
 
-    def state(self) -> list[float]:
+    def all_state(self) -> list[float]:
         """The epoch's sums so far, reduced over all ranks (a collective): what a mid-epoch checkpoint keeps."""
         return dist.all_reduce_sum(self.sums.clone()).tolist()
 
@@ -116,7 +116,7 @@ class TrainTally:
         if sums and is_zero:
             self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
 
-    def compute(self) -> dict[str, float]:
+    def all_compute(self) -> dict[str, float]:
         """Reduced over all ranks (a collective), then reset."""
         sums = dist.all_reduce_sum(self.sums.clone()).tolist()
         self.sums.zero_()

@@ -200,7 +200,7 @@ class Records:
             checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
         self.tb.close()
 
-    def finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
+    def all_finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
         """model.pt and metrics.json, written by rank 0."""
         summary = self.summary(state.global_step)
         weights = parallel.full_state_dict(model)  # FSDP: gathered once, here (a collective), onto rank 0

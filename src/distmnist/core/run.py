@@ -80,7 +80,7 @@ class RunDir:
         return found[0] if found else None
 
     @staticmethod
-    def agreed(found: Path | None) -> Path | None:
+    def all_agree(found: Path | None) -> Path | None:
         """Rank 0's choice of checkpoint, on every rank (a collective once the process group is up)."""
         path = dist.broadcast_object(str(found) if found else None)
         return Path(path) if path else None

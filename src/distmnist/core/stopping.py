@@ -49,7 +49,7 @@ class StopRequest:
         if signum == signal.SIGINT:  # the next Ctrl-C is not asked: it ends the process (no traceback either)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-    def agreed(self, device: torch.device, flag: torch.Tensor | None = None) -> tuple[int, int]:
+    def all_agree(self, device: torch.device, flag: torch.Tensor | None = None) -> tuple[int, int]:
         """(the signal any rank received or 0, the largest `flag` of any rank or 0): a collective with several
         processes, every rank must call it at the same step. `flag` (an int tensor on `device`) rides on the same
         all-reduce; with one process reading it is a host sync."""
@@ -79,7 +79,7 @@ class CheckpointCadence:
 
     It also stops a run that diverged (exit 3) before anything non-finite is written: the stop check's all-reduce
     carries a non-finite-loss flag (one process: read at the log steps, where the logged loss syncs anyway), and
-    :meth:`check_finite` looks at the loss and the weights before every checkpoint."""
+    :meth:`all_check_finite` looks at the loss and the weights before every checkpoint."""
 
     def __init__(self, cfg: Config, device: torch.device, records: Records) -> None:
         self.every, self.stop_every = cfg.checkpoint.every_n_steps, cfg.checkpoint.stop_check_every_n_steps
@@ -95,7 +95,7 @@ class CheckpointCadence:
     def uninstall(self) -> None:
         self.request.uninstall()
 
-    def due(self, state: TrainState, steps_in_epoch: int, tally: TrainTally) -> bool:
+    def all_due(self, state: TrainState, steps_in_epoch: int, tally: TrainTally) -> bool:
         """After an optimizer step, on every rank (the stop check is a collective every stop_every steps)."""
         if state.step_in_epoch >= steps_in_epoch:
             return False
@@ -103,9 +103,9 @@ class CheckpointCadence:
         self.signum = 0
         if step % self.stop_every == 0:
             read_loss = dist.is_distributed() or step % self.log_every == 0
-            self.signum, bad = self.request.agreed(self.device, tally.nonfinite() if read_loss else None)
+            self.signum, bad = self.request.all_agree(self.device, tally.nonfinite() if read_loss else None)
             if bad:
-                self.diverged(state, tally.state(), "the training loss")
+                self.diverged(state, tally.all_state(), "the training loss")
         return bool(self.signum) or bool(self.every and step % self.every == 0)
 
     def stop_if_signalled(self, state: TrainState, path: Path) -> None:
@@ -116,7 +116,7 @@ class CheckpointCadence:
                 f"checkpoint {path}; run the same command again to resume", self.signum
             )
 
-    def check_finite(self, state: TrainState, model: torch.nn.Module) -> None:
+    def all_check_finite(self, state: TrainState, model: torch.nn.Module) -> None:
         """Before a checkpoint is written, on every rank (`state.tally`: the epoch's sums reduced over the ranks;
         the weights are the same on every rank): stop if either is not finite."""
         if not parallel.all_finite(model):

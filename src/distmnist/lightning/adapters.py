@@ -29,13 +29,13 @@ from torch import nn
 
 from distmnist.core import parallel
 from distmnist.core.checkpoint import (
+    all_load_state,
+    all_save_state,
     atomic_torch_save,
     load_sharded,
-    load_state,
     read,
     restore_sharded,
     save_sharded,
-    save_state,
     sharded_state_dicts,
 )
 from distmnist.core.dist import DistEnv
@@ -97,10 +97,10 @@ def sharded_strategy(strategy_class: type) -> type:
 
     class FabricShardedStrategy(strategy_class):  # Fabric's: like fabric.save / fabric.load
         def save_checkpoint(self, path, state, storage_options=None, filter=None) -> None:
-            save_state(path, state, self.is_global_zero)
+            all_save_state(path, state, self.is_global_zero)
 
         def load_checkpoint(self, path, state=None, strict=True, weights_only=None):
-            return load_state(path, state)
+            return all_load_state(path, state)
 
     return FabricShardedStrategy
 

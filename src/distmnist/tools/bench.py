@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.name != "synthetic":
         from distmnist.core.dist import read_env
 
-        data.ensure_available(cfg.data, read_env("cpu"))
+        data.all_ensure_available(cfg.data, read_env("cpu"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.time_to_acc is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from distmnist.core import checkpoint, data, dist
 from distmnist.core.config import Config
 from distmnist.core.errors import report_errors
-from distmnist.core.metrics import EvalMetrics, evaluate
+from distmnist.core.metrics import EvalMetrics, all_evaluate
 from distmnist.core.model import load_model
 from distmnist.core.precision import autocast_factory
 
@@ -25,9 +25,9 @@ def evaluate_model(model_path: str | Path, cfg: Config, out: str | Path | None =
     model = load_model(model_path)
     env = dist.read_env(cfg.train.accelerator)
     with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
-        data.ensure_available(cfg.data, env)
+        data.all_ensure_available(cfg.data, env)
         model.to(env.device)
-        result = evaluate(
+        result = all_evaluate(
             model,
             data.eval_batches(cfg, env),
             EvalMetrics().to(env.device),

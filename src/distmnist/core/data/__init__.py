@@ -42,7 +42,7 @@ from distmnist.core.data.order import EpochOrder, eval_indices, rank_samples, sh
 from distmnist.core.data.preparation import (
     PREPARE_LOCK,
     PrepareLock,
-    ensure_available,
+    all_ensure_available,
     header_check,
     lock_path,
     offline_fixes,
@@ -54,7 +54,7 @@ from distmnist.core.data.splits import load_split, split_size, steps_per_epoch, 
 __all__ = [
     "CLASS_NAMES", "PREPARE_LOCK", "RAW_FILES", "SPLIT_FILES", "SPLIT_SIZE", "TORCHVISION_CLASS", "EpochOrder",
     "EvalBatches", "ImageSet", "LoaderBatches", "MicroBatches", "PrepareLock", "ResidentBatches", "check_split",
-    "ensure_available", "eval_batches", "eval_indices", "header_check", "load_split", "lock_path", "micro_batches",
+    "all_ensure_available", "eval_batches", "eval_indices", "header_check", "load_split", "lock_path", "micro_batches",
     "offline_fixes", "parse_idx", "prepare", "rank_samples", "raw_folder", "read_idx", "shard_indices",
     "split_size", "step_order", "steps_per_epoch", "synthetic_split", "to_float", "torchvision_class", "train_batches",
 ]

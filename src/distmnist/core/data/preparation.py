@@ -260,7 +260,7 @@ def _fetch(cfg: DataConfig) -> None:
         _within(deadline, "downloading", lambda: _download(cfg), lock)
 
 
-def ensure_available(cfg: DataConfig, env: dist.DistEnv) -> None:
+def all_ensure_available(cfg: DataConfig, env: dist.DistEnv) -> None:
     """Make the files available on every rank, prepared once per data.root.
 
     Local rank 0 of every node fetches under the data set's lock (a node whose data.root is node-local gets its

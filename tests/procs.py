@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from distmnist.core import checkpoint
+from distmnist.core.config import STRATEGIES  # noqa: F401 - the package's order, for the tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +94,23 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+
+
+def metrics(run_dir: Path) -> dict:
+    """A run's metrics.json."""
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> Path:
+    """The first checkpoint of a run that `proc` trains (AssertionError if the run ends or none comes in time)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = checkpoint.listing(run_dir / "checkpoints")
+        if found:
+            return found[0]
+        assert proc.poll() is None, "training ended before its first checkpoint"
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

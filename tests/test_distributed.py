@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import child_env, ok, run_module, same_weights, torchrun, weights
+from procs import STRATEGIES, child_env, metrics, ok, run_module, same_weights, torchrun, weights
 
 from distmnist.core import tblog
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-STRATEGIES = ("ddp", "trainer", "fabric")
 SMOKE = ("-c", "smoke", "dist.timeout_s=60")
 
 
@@ -37,10 +36,6 @@ def runs(tmp_path_factory):
     out = {s: train(tmp, s, s) for s in STRATEGIES}
     out["trainer-dataloader"] = train(tmp, "trainer", "trainer-dl", "data.loader=dataloader", "data.num_workers=1")
     return out
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_model_pt_bit_identical_across_strategies(runs):

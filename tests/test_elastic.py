@@ -5,7 +5,6 @@ is refused; torchrun's elastic agents lose a node and the survivor finishes alon
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,29 +15,30 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from procs import child_env, free_port, ok, run_module, torchrun, torchrun_cmd, weights
+from procs import (
+    STRATEGIES,
+    child_env,
+    free_port,
+    max_abs_diff,
+    metrics,
+    ok,
+    run_module,
+    torchrun,
+    torchrun_cmd,
+    wait_for_checkpoint,
+    weights,
+)
 
 from distmnist.core import checkpoint, tblog
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
-STRATEGIES = ("ddp", "fabric", "trainer")
 # 24100 samples: 126 steps of 192 per epoch, the last one padded (24192 samples an epoch at any world size);
 # a cosine schedule, so the learning rate changes at every step; a checkpoint every 10 steps to strike after
 RUN = ("-c", "smoke", "data.train_samples=24100", "data.global_batch_size=192", "optim.schedule=cosine",
        "train.log_every_n_steps=5", "checkpoint.every_n_steps=10", "dist.timeout_s=30")
 STEPS_PER_EPOCH = 126
 TOLERANCE = 1e-5
-
-
-def max_abs(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def learning_rates(run_dir: Path) -> list[tuple[int, float]]:
@@ -52,16 +52,6 @@ def reference(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
     ok(torchrun("distmnist.ddp", *RUN, "data.batch_size=96", f"run.dir={tmp / 'run'}", cwd=tmp))
     return tmp / "run"
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if checkpoint.listing(run_dir / "checkpoints"):
-            return
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.01)
-    raise AssertionError("no checkpoint appeared")
 
 
 def parallel_args(variant: str) -> tuple[str, ...]:
@@ -84,7 +74,7 @@ def stopped(request, tmp_path_factory) -> tuple[str, Path]:
             cwd=tmp, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True,
         )
         try:
-            wait_for_checkpoint(proc, run_dir)
+            wait_for_checkpoint(proc, run_dir, timeout=240)
             ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             os.kill(int(ranks[-1]), signal.SIGTERM)
             proc.wait(timeout=120)
@@ -115,7 +105,7 @@ def resume(stopped, tmp_path: Path, nproc: int, batch: int) -> Path:
 
 def assert_same_run(run_dir: Path, reference: Path) -> float:
     """Weights within TOLERANCE; global step, per-epoch sample counts and every logged learning rate identical."""
-    diff = max_abs(weights(run_dir), weights(reference))
+    diff = max_abs_diff(weights(run_dir), weights(reference))
     assert diff <= TOLERANCE, diff
     got, want = metrics(run_dir), metrics(reference)
     assert got["global_step"] == want["global_step"] == 2 * STEPS_PER_EPOCH

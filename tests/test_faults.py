@@ -3,7 +3,6 @@ rank, damaged and foreign checkpoints. Nothing is lost and the final weights equ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -15,14 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from procs import (
+    STRATEGIES,
     child_env,
     free_port,
+    metrics,
     ok,
     run_module,
     same_weights,
     teardown_aborts,
     torchrun,
     torchrun_cmd,
+    wait_for_checkpoint,
     weights,
 )
 
@@ -31,7 +33,6 @@ from distmnist.core import checkpoint
 pytestmark = [pytest.mark.timeout(600)]
 slow = pytest.mark.slow
 
-STRATEGIES = ("ddp", "trainer", "fabric")
 # 2 ranks x 32: 188 steps per epoch; a checkpoint every 20 steps gives the test a moment to strike mid-epoch
 FAULT = ("-c", "smoke", "data.train_samples=12000", "train.epochs=2", "checkpoint.every_n_steps=20",
          "dist.timeout_s=30")
@@ -62,17 +63,6 @@ def log_of(tmp: Path, run_dir: Path) -> str:
     return (tmp / f"{run_dir.name}.log").read_text()
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = checkpoint.listing(run_dir / "checkpoints")
-        if found:
-            return found[0]
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
-
-
 def worker_env(pid: int) -> dict[str, str]:
     """The environment torchrun gave a worker process ({} once it is gone)."""
     try:
@@ -88,10 +78,6 @@ def worker_pids(agent: subprocess.Popen, count: int = 2) -> dict[int, int]:
     ranks = {int(env["RANK"]): pid for pid in map(int, out) if "RANK" in (env := worker_env(pid))}
     assert len(ranks) == count, ranks
     return ranks
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

@@ -7,7 +7,6 @@ One module-scoped set of runs per configuration is shared by the assertions.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -18,7 +17,18 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import child_env, ok, same_weights, torchrun, torchrun_cmd, weights
+from procs import (
+    STRATEGIES,
+    child_env,
+    max_abs_diff,
+    metrics,
+    ok,
+    same_weights,
+    torchrun,
+    torchrun_cmd,
+    wait_for_checkpoint,
+    weights,
+)
 
 from distmnist.core import checkpoint
 from distmnist.core.config import load_config
@@ -28,7 +38,6 @@ from distmnist.core.run import RunDir
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STRATEGIES = ("ddp", "fabric", "trainer")
 FSDP = "train.parallel=fsdp"
 
 
@@ -42,15 +51,6 @@ def train(tmp: Path, strategy: str, name: str, *overrides: str, nproc: int = 2) 
     run_dir = tmp / name
     ok(torchrun(f"distmnist.{strategy}", *RUN, f"run.dir={run_dir}", *overrides, nproc=nproc, cwd=tmp))
     return run_dir
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def max_abs(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def parity_runs(tmp: Path, nproc: int) -> dict[str, Path]:
@@ -86,7 +86,7 @@ def test_fsdp_model_pt_equals_ddp(runs):
     for s in STRATEGIES:
         got = weights(runs[s])
         assert [(k, v.shape, v.dtype) for k, v in got.items()] == [(k, v.shape, v.dtype) for k, v in ref.items()]
-        diff = max_abs(got, ref)
+        diff = max_abs_diff(got, ref)
         print(f"{nproc} ranks, {s} fsdp vs ddp: max abs {diff:.3g}")
         assert diff <= 1e-5, f"{s}: {diff}"
         if nproc == 2:
@@ -96,7 +96,7 @@ def test_fsdp_model_pt_equals_ddp(runs):
 def test_three_strategies_fsdp_runs_are_bit_identical(runs):
     ref = weights(runs["ddp"])
     for s in ("fabric", "trainer"):
-        assert same_weights(weights(runs[s]), ref), f"{s}: {max_abs(weights(runs[s]), ref)}"
+        assert same_weights(weights(runs[s]), ref), f"{s}: {max_abs_diff(weights(runs[s]), ref)}"
 
 
 def test_fsdp_metrics_and_memory_figures(runs):
@@ -194,17 +194,6 @@ def start(tmp: Path, strategy: str, run_dir: Path, extra: tuple = ()) -> subproc
     )
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 180) -> Path:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = checkpoint.listing(run_dir / "checkpoints")
-        if found:
-            return found[0]
-        assert proc.poll() is None, "training ended before its first checkpoint"
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
-
-
 def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (read from their environment)."""
     out = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
@@ -222,7 +211,7 @@ def worker_pids(agent: subprocess.Popen) -> dict[int, int]:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    assert same_weights(weights(run_dir), weights(reference)), max_abs(weights(run_dir), weights(reference))
+    assert same_weights(weights(run_dir), weights(reference)), max_abs_diff(weights(run_dir), weights(reference))
     got, ref = metrics(run_dir), metrics(reference)
     assert [h["epoch"] for h in got["history"]] == [1, 2]
     assert got["val_acc"] == ref["val_acc"] and got["val_loss"] == ref["val_loss"]

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import REPO, child_env, free_port, same_weights, weights
+from procs import REPO, child_env, free_port, metrics, same_weights, weights
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,10 +33,6 @@ def start(cmd: list, cwd: Path, timeout: int = 180, **env: str) -> subprocess.Po
 def finish(proc: subprocess.Popen, timeout: int = 200) -> tuple[int, str]:
     out = proc.communicate(timeout=timeout)[0]
     return proc.returncode, out
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ Jobs run in tmp_path: their logs (slurm-distmnist-<job id>.out, the script's --o
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from procs import REPO, Job, assert_resumed_exactly, child_env, same_weights, torchrun_cmd, weights
+from procs import REPO, Job, assert_resumed_exactly, child_env, metrics, same_weights, torchrun_cmd, weights
 
 from distmnist.core import tblog
 
@@ -41,10 +40,6 @@ def finished_job(cluster, cwd: Path, sbatch_opts, args, timeout: float = 90) -> 
     finally:
         job.cancel()
     return job
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- three strategies

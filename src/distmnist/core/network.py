@@ -6,8 +6,9 @@ without ``NCCL_SOCKET_IFNAME`` takes the first interface that is not loopback, w
 So in a job that spans nodes each process asks the kernel which of its addresses routes to the rendezvous host
 (``MASTER_ADDR``: a UDP ``connect()`` sends nothing, ``getsockname()`` then names the source address, what
 ``ip route get`` prints), and sets both variables to the interface that holds it. The user's variables always win;
-on one node nothing changes. ``DISTMNIST_NO_IFNAME_PICK=1`` switches the choice off (the checks stay).
-No torch here: ``distmnist doctor`` uses the same functions.
+on one node nothing changes. ``DISTMNIST_NO_IFNAME_PICK=1`` switches the choice off (the refusals of what cannot
+work stay: see choose_interface).
+No torch here: a tool that reports the network (a ``doctor``) can use these functions without it.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import struct
 import subprocess
 from dataclasses import dataclass
 
-from distmnist.core.errors import StartupIncomplete
+from distmnist.core.errors import NetworkUnusable
 
 IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 NO_PICK_VAR = "DISTMNIST_NO_IFNAME_PICK"
 # ioctl(2) request for an interface's (primary) IPv4 address: linux/sockios.h
 _SIOCGIFADDR = 0x8915
-_FIX = ("set GLOO_SOCKET_IFNAME (gloo) or NCCL_SOCKET_IFNAME (NCCL) to the interface that reaches the other nodes; "
-        "`distmnist doctor --endpoint HOST:PORT` shows what this node sees")
+_FIX = ("set GLOO_SOCKET_IFNAME (gloo) or NCCL_SOCKET_IFNAME (NCCL) to the interface that reaches the other nodes "
+        "(`ip -o addr` lists them)")
 
 
 class Unreachable(Exception):
@@ -130,53 +131,70 @@ class Choice:
     chosen: tuple[str, ...]  # the variables this process set
     settings: tuple[tuple[str, str], ...]  # every *_SOCKET_IFNAME now set, the user's and ours
 
-    def line(self, rank: int) -> str:
+    def line(self) -> str:
         r = self.route
         said = ", ".join(f"{var}={value}{'' if var in self.chosen else ' (yours)'}" for var, value in self.settings)
-        return (f"distmnist: rank {rank} on {socket.gethostname()}: network interface {r.interface} ({r.source}) "
-                f"reaches {r.host} ({r.address}); {said}")
+        return (f"distmnist: {socket.gethostname()}: network interface {r.interface} ({r.source}) reaches "
+                f"MASTER_ADDR={r.host} ({r.address}); {said}")
+
+
+def picking(environ=os.environ) -> bool:
+    return environ.get(NO_PICK_VAR, "").lower() not in ("1", "true", "yes")
 
 
 def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice | None:
     """Set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (those the user left unset) in environ to the interface that
-    routes to MASTER_ADDR, when the job spans nodes; None when nothing is chosen (one node). StartupIncomplete
-    (exit 69) when the network cannot work: MASTER_ADDR is loopback or unreachable from this node, or this node's
-    hostname resolves to loopback while gloo would bind to it (no interface chosen)."""
+    routes to MASTER_ADDR, when the job spans nodes or MASTER_ADDR is another machine; None when nothing is set
+    (one node, or the switch off and no variable of the user's). NetworkUnusable (exit 69) when the network
+    cannot work, before any store or collective:
+
+    - MASTER_ADDR does not resolve, or no interface routes to it (a job that spans nodes);
+    - MASTER_ADDR resolves to loopback here in a job that spans nodes, and the backend's variable is not the user's:
+      which interface reaches the other nodes cannot be told;
+    - gloo without GLOO_SOCKET_IFNAME (the switch off) while this node's hostname resolves only to loopback
+      (/etc/hosts' 127.0.1.1): gloo would listen there and the other nodes would be refused.
+    """
     master = environ.get("MASTER_ADDR", "")
     if not master:
         return None
+    spans = num_nodes > 1
     try:
         route = route_to(master)
     except Unreachable as err:
-        if num_nodes <= 1:  # one node: the store's own error, as before
+        if not spans:  # one node: the store's own error, as before
             return None
-        raise StartupIncomplete(f"network: {err}; MASTER_ADDR={master} must name the rendezvous node by a name "
-                                f"or address every node reaches; {_FIX}") from None
-    if not (num_nodes > 1 or not route.local):
+        raise NetworkUnusable(f"network: {err}; MASTER_ADDR={master} must name the rendezvous node by a name "
+                                f"or address every node resolves and reaches") from None
+    if not spans and route.local:
         return None
-    if is_loopback(route.address):
-        raise StartupIncomplete(
-            f"network: MASTER_ADDR={master} is a loopback address ({route.address}) in a job that spans "
-            f"{num_nodes} nodes: the other nodes cannot reach it; name the rendezvous node by a name or address "
-            f"every node resolves to it"
-        )
+    mine = {var for var in IFNAME_VARS if environ.get(var)}
+    backend_var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    unset = tuple(var for var in IFNAME_VARS if var not in mine)
+    usable = route.interface is not None and not is_loopback(route.address)
     chosen: tuple[str, ...] = ()
-    if environ.get(NO_PICK_VAR, "") not in ("1", "true", "yes"):
+    if picking(environ) and unset and (usable or backend_var not in mine):  # the backend's own: refuse or set
+        if is_loopback(route.address):
+            raise NetworkUnusable(
+                f"network: MASTER_ADDR={master} resolves to the loopback address {route.address} on "
+                f"{socket.gethostname()} in a job that spans {num_nodes} nodes: no interface towards the other nodes "
+                f"can be told from it; name the rendezvous node by a name every node resolves to its address on the "
+                f"network the nodes share (/etc/hosts, DNS), or {_FIX}"
+            )
         if route.interface is None:
-            raise StartupIncomplete(f"network: no interface of {socket.gethostname()} holds {route.source}, the "
+            raise NetworkUnusable(f"network: no interface of {socket.gethostname()} holds {route.source}, the "
                                     f"address that routes to {master} ({route.address}); {_FIX}")
-        chosen = tuple(var for var in IFNAME_VARS if not environ.get(var))
+        chosen = unset
         for var in chosen:
             environ[var] = route.interface
-    if backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
+    if spans and backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
         host, held = hostname_addresses()
         looped = [a for a in held if is_loopback(a)]
         if looped and len(looped) == len(held):
-            raise StartupIncomplete(
+            raise NetworkUnusable(
                 f"network: this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) in "
-                f"a job that spans {num_nodes} nodes: gloo would listen there and the other nodes cannot connect; "
-                f"map {host} to the address of {route.interface or route.source} ({route.source}) or unset "
-                f"{NO_PICK_VAR}; {_FIX}"
+                f"a job that spans {num_nodes} nodes: gloo would listen there and the other nodes could not connect; "
+                f"map {host} to the address of {route.interface or route.source} ({route.source}), or unset "
+                f"{NO_PICK_VAR}, or {_FIX}"
             )
     settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
     return Choice(route, chosen, settings) if settings else None

@@ -144,15 +144,14 @@ def picking(environ=os.environ) -> bool:
 
 def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice | None:
     """Set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME (those the user left unset) in environ to the interface that
-    routes to MASTER_ADDR, when the job spans nodes or MASTER_ADDR is another machine; None when nothing is set
-    (one node, or the switch off and no variable of the user's). NetworkUnusable (exit 69) when the network
-    cannot work, before any store or collective:
+    routes to MASTER_ADDR, when the job spans nodes or MASTER_ADDR is another machine; None when nothing is set.
+    Nothing is chosen when MASTER_ADDR is loopback here: then every process that can reach it runs on this machine
+    (several torchrun agents on one machine), where the defaults work. NetworkUnusable (exit 69) for what cannot
+    work, before any store or collective:
 
-    - MASTER_ADDR does not resolve, or no interface routes to it (a job that spans nodes);
-    - MASTER_ADDR resolves to loopback here in a job that spans nodes, and the backend's variable is not the user's:
-      which interface reaches the other nodes cannot be told;
-    - gloo without GLOO_SOCKET_IFNAME (the switch off) while this node's hostname resolves only to loopback
-      (/etc/hosts' 127.0.1.1): gloo would listen there and the other nodes would be refused.
+    - MASTER_ADDR does not resolve, or no interface routes to it, in a job that spans nodes;
+    - MASTER_ADDR is another machine and gloo has no GLOO_SOCKET_IFNAME (the switch off) while this node's hostname
+      resolves only to loopback (/etc/hosts' 127.0.1.1): gloo would listen there, and the others be refused.
     """
     master = environ.get("MASTER_ADDR", "")
     if not master:
@@ -164,37 +163,29 @@ def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice
         if not spans:  # one node: the store's own error, as before
             return None
         raise NetworkUnusable(f"network: {err}; MASTER_ADDR={master} must name the rendezvous node by a name "
-                                f"or address every node resolves and reaches") from None
-    if not spans and route.local:
+                              f"or address every node resolves and reaches") from None
+    if (not spans and route.local) or is_loopback(route.address):
         return None
     mine = {var for var in IFNAME_VARS if environ.get(var)}
     backend_var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
     unset = tuple(var for var in IFNAME_VARS if var not in mine)
-    usable = route.interface is not None and not is_loopback(route.address)
     chosen: tuple[str, ...] = ()
-    if picking(environ) and unset and (usable or backend_var not in mine):  # the backend's own: refuse or set
-        if is_loopback(route.address):
-            raise NetworkUnusable(
-                f"network: MASTER_ADDR={master} resolves to the loopback address {route.address} on "
-                f"{socket.gethostname()} in a job that spans {num_nodes} nodes: no interface towards the other nodes "
-                f"can be told from it; name the rendezvous node by a name every node resolves to its address on the "
-                f"network the nodes share (/etc/hosts, DNS), or {_FIX}"
-            )
+    if picking(environ) and unset and (route.interface is not None or backend_var not in mine):
         if route.interface is None:
             raise NetworkUnusable(f"network: no interface of {socket.gethostname()} holds {route.source}, the "
-                                    f"address that routes to {master} ({route.address}); {_FIX}")
+                                  f"address that routes to {master} ({route.address}); {_FIX}")
         chosen = unset
         for var in chosen:
             environ[var] = route.interface
-    if spans and backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
+    if not route.local and backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
         host, held = hostname_addresses()
         looped = [a for a in held if is_loopback(a)]
         if looped and len(looped) == len(held):
             raise NetworkUnusable(
-                f"network: this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) in "
-                f"a job that spans {num_nodes} nodes: gloo would listen there and the other nodes could not connect; "
-                f"map {host} to the address of {route.interface or route.source} ({route.source}), or unset "
-                f"{NO_PICK_VAR}, or {_FIX}"
+                f"network: this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) "
+                f"while MASTER_ADDR={master} is another machine: gloo would listen there and the other nodes could "
+                f"not connect; map {host} to the address of {route.interface or route.source} ({route.source}), or "
+                f"unset {NO_PICK_VAR}, or {_FIX}"
             )
     settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
     return Choice(route, chosen, settings) if settings else None

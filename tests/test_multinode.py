@@ -6,8 +6,9 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
   SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
   to one node with 4 processes resumed from the same step and to the uninterrupted run (DDP's buckets laid out
   once before the first step: core/parallel.settle_buckets);
-- `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
-  bit-identical to the same one-node run;
+- `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies, with
+  node2's hostname on 127.0.1.1 (Debian's /etc/hosts): each node takes the interface that routes to MASTER_ADDR
+  (core/network.py), bit-identical to the same one-node run; and the one-line refusals when the network cannot work;
 - a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time
   (torchrun's rendezvous; and the processes of an srun job at process-group initialisation);
 - node-local disks: data.root and run.dir on each node's own disk: both nodes prepare intact data, and every rank

@@ -6,8 +6,9 @@ with its own hostname, address, /etc/hosts and node-local disk, and a SLURM clus
   SIGUSR1 after its first checkpoint, requeues itself and resumes on both nodes; the final weights are bit-identical
   to one node with 4 processes resumed from the same step and to the uninterrupted run (DDP's buckets laid out
   once before the first step: core/parallel.settle_buckets);
-- `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies:
-  bit-identical to the same one-node run;
+- `launch/multi_node.sh` (torchrun --nnodes=2, c10d rendezvous at node1) from each node, the three strategies, with
+  node2's hostname on 127.0.1.1 (Debian's /etc/hosts): each node takes the interface that routes to MASTER_ADDR
+  (core/network.py), bit-identical to the same one-node run; and the one-line refusals when the network cannot work;
 - a node that never arrives: node1's half alone stops with one line naming what is missing, in bounded time
   (torchrun's rendezvous; and the processes of an srun job at process-group initialisation);
 - node-local disks: data.root and run.dir on each node's own disk: both nodes prepare intact data, and every rank
@@ -19,6 +20,7 @@ One config for all the runs compared (`COMMON`): 100 optimizer steps of 128 samp
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -254,21 +256,47 @@ def test_a_two_node_job_resubmitted_on_one_node_resumes_exactly(resubmitted_on_o
 
 
 # --------------------------------------------------------------------------------------- two-host torchrun
-def multi_node(cluster, node: str, strategy: str, port: int, *args: str, **env: str) -> subprocess.Popen:
-    cmd = cluster.on(node, "bash", MULTI_NODE, "--nnodes", "2", "--endpoint", f"node1:{port}",
-                     "--strategy", strategy, "--nproc", "2", "--run-id", f"test-{strategy}", "--", *args)
+def multi_node(cluster, node: str, strategy: str, port: int, *args: str, hosts: Path | None = None,
+               **env: str) -> subprocess.Popen:
+    launch = ["bash", MULTI_NODE, "--nnodes", "2", "--endpoint", f"node1:{port}", "--strategy", strategy,
+              "--nproc", "2", "--run-id", f"test-{strategy}", "--", *args]
+    if hosts is not None:  # bind-mounted on /etc/hosts in this node's own mount namespace only (tests/cluster/on)
+        launch = ["bash", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *launch]
+    cmd = cluster.on(node, *launch)
     return subprocess.Popen(["timeout", "300", *cmd], env=child_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
+# The interface (core/network.py): node2's /etc/hosts maps its own name to 127.0.1.1, what a default Debian or Ubuntu
+# install writes. Without the choice gloo listens there and node1 is refused (`Gloo connectFullMesh failed ...
+# remote=[127.0.1.1]`, "rank 0 lost its peers", both nodes exit 1); with it both nodes train.
+NS = os.environ.get("CLUSTER_NS", "dm2n")  # tests/cluster/start.sh's namespaces and veth ends: {NS}a, {NS}b
+INTERFACE_LINE = re.compile(r"distmnist: (\S+): network interface (\S+) \((\S+)\) reaches MASTER_ADDR=(\S+) "
+                            r"\((\S+)\); (.*)")
+
+
+def debian_hosts(cluster, folder: Path) -> Path:
+    """The cluster's /etc/hosts with node2's own name on 127.0.1.1 (node1 still resolves to its address)."""
+    path = folder / "hosts.node2"
+    path.write_text(re.sub(r"^\S+\s+node2$", "127.0.1.1 node2", (cluster.dir / "hosts").read_text(), flags=re.M))
+    return path
+
+
+def node_address(cluster, node: str) -> str:
+    return next(line.split()[0] for line in (cluster.dir / "hosts").read_text().splitlines() if line.endswith(node))
+
+
 @pytest.fixture(scope="module")
 def torchrun_runs(two_node_cluster, tmp_path_factory):
-    """launch/multi_node.sh on node1 and on node2, for the three strategies at once (one endpoint each)."""
+    """launch/multi_node.sh on node1 and on node2, for the three strategies at once (one endpoint each); node2 with
+    its hostname on 127.0.1.1 (above); fabric's node1 with GLOO_SOCKET_IFNAME set by the user."""
     tmp = tmp_path_factory.mktemp("torchrun")
+    hosts = debian_hosts(two_node_cluster, tmp)
     started = time.monotonic()
     procs = {
-        s: [multi_node(two_node_cluster, node, s, 29400 + i, *COMMON, f"run.dir={tmp / s}")
-            for node in ("node1", "node2")]
+        s: [multi_node(two_node_cluster, "node1", s, 29400 + i, *COMMON, f"run.dir={tmp / s}",
+                       **({"GLOO_SOCKET_IFNAME": f"{NS}a"} if s == "fabric" else {})),
+            multi_node(two_node_cluster, "node2", s, 29400 + i, *COMMON, f"run.dir={tmp / s}", hosts=hosts)]
         for i, s in enumerate(STRATEGIES)
     }
     results = {}
@@ -281,17 +309,27 @@ def torchrun_runs(two_node_cluster, tmp_path_factory):
                 if p.poll() is None:
                     p.kill()
     print(f"three two-host torchrun runs at once took {time.monotonic() - started:.1f} s")
-    return tmp, results
+    return two_node_cluster, tmp, results
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, strategy):
-    tmp, results = torchrun_runs
+    """node2's hostname on 127.0.1.1 (debian_hosts): each node takes the interface towards MASTER_ADDR, and the
+    weights are those of one node with 4 processes."""
+    cluster, tmp, results = torchrun_runs
     for node, (rc, out, err) in zip(("node1", "node2"), results[strategy], strict=True):
         assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
     logs = "".join(out + err for _, out, err in results[strategy])
     assert ranks_by_host(logs) == {"node1": {0, 1}, "node2": {2, 3}}, logs[-5000:]
+    # the interface that routes to MASTER_ADDR, said once per node (2 processes each); the user's variable kept
+    for node, (_, _, err) in zip(("node1", "node2"), results[strategy], strict=True):
+        lines = INTERFACE_LINE.findall(err)
+        assert len(lines) == 1, f"{node}: {lines}\n{err[-3000:]}"
+        host, interface, source, _master, master_address, settings = lines[0]
+        theirs = " (yours)" if (node, strategy) == ("node1", "fabric") else ""
+        assert (host, source, master_address) == (node, node_address(cluster, node), node_address(cluster, "node1"))
+        assert settings == f"GLOO_SOCKET_IFNAME={interface}{theirs}, NCCL_SOCKET_IFNAME={interface}", lines
     m = metrics(tmp / strategy)
     assert (m["strategy"], m["num_nodes"], m["world_size"], m["global_step"]) == (strategy, 2, 4, STEPS), m
     assert same_weights(weights(tmp / strategy), weights(reference)), "two hosts differ from one node with 4 processes"
@@ -437,3 +475,73 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(nod
     # on (or fall out of step in a collective and fail).
     diff = max_diff(weights(run1), final)
     assert same_weights(weights(run1), final), f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"
+
+
+# ------------------------------------------------------------------------------- the network cannot work
+# core/network.choose_interface in node2's namespace with its hostname on 127.0.1.1 (no torch: a fraction of a
+# second for all the cases): what it sets, and the one line it refuses with.
+PROBE = """
+import json, sys
+from distmnist.core import network
+from distmnist.core.errors import NetworkUnusable
+out = {}
+for name, nodes, environ in json.loads(sys.argv[1]):
+    try:
+        choice = network.choose_interface(nodes, "gloo", environ)
+        out[name] = {"line": choice and choice.line(), "env": {k: environ.get(k) for k in network.IFNAME_VARS}}
+    except NetworkUnusable as err:
+        out[name] = {"error": str(err)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_the_interface_choice_and_its_refusals(two_node_cluster, tmp_path):
+    """On node2 (hostname on 127.0.1.1): the choice, the user's variable kept, nothing on one node or towards a
+    loopback MASTER_ADDR; the switch off, an unroutable and (end to end, a training process at process-group
+    initialisation) an unresolvable MASTER_ADDR: one line, exit 69, at once rather than after a timeout."""
+    cases = [
+        ("picked", 2, {"MASTER_ADDR": "node1"}),
+        ("yours", 2, {"MASTER_ADDR": "node1", "GLOO_SOCKET_IFNAME": "mine0"}),
+        ("one node", 1, {"MASTER_ADDR": "127.0.0.1"}),
+        ("off", 2, {"MASTER_ADDR": "node1", "DISTMNIST_NO_IFNAME_PICK": "1"}),
+        ("loopback", 2, {"MASTER_ADDR": "localhost"}),  # every node on this machine: the defaults work
+        ("unroutable", 2, {"MASTER_ADDR": "203.0.113.7"}),  # TEST-NET-3: node2 has no route there, nothing is sent
+    ]
+    hosts = debian_hosts(two_node_cluster, tmp_path)
+    proc = subprocess.run(
+        two_node_cluster.on("node2", "bash", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts,
+                            sys.executable, "-c", PROBE, json.dumps(cases)),
+        env=child_env(), capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    print(json.dumps(got, indent=1))
+    mine = f"{NS}b"
+    assert got["picked"]["env"] == {"GLOO_SOCKET_IFNAME": mine, "NCCL_SOCKET_IFNAME": mine}, got
+    assert got["picked"]["line"].startswith(f"distmnist: node2: network interface {mine} "), got
+    assert got["yours"]["env"] == {"GLOO_SOCKET_IFNAME": "mine0", "NCCL_SOCKET_IFNAME": mine}, got
+    assert "GLOO_SOCKET_IFNAME=mine0 (yours)" in got["yours"]["line"], got
+    assert got["one node"] == {"line": None, "env": {"GLOO_SOCKET_IFNAME": None, "NCCL_SOCKET_IFNAME": None}}, got
+    assert "hostname node2 resolves to the loopback address 127.0.1.1" in got["off"]["error"], got
+    assert got["loopback"] == got["one node"], got
+    assert "no interface of node2 reaches 203.0.113.7" in got["unroutable"]["error"], got
+
+    # end to end: one task of a two-node srun job (the layout of test_srun_tasks_with_a_missing_node_...)
+    env = dict(SLURM_JOB_ID="9998", SLURM_JOB_NAME="distmnist", SLURM_STEP_ID="0", SLURM_NTASKS="4",
+               SLURM_JOB_NUM_NODES="2", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_NODEID="0",
+               SLURM_PROCID="0", SLURM_LOCALID="0", MASTER_ADDR="nosuch.invalid", MASTER_PORT=str(free_port()))
+    started = time.monotonic()
+    proc = subprocess.run(
+        two_node_cluster.on("node1", sys.executable, "-m", "distmnist.ddp", *COMMON, "dist.startup_timeout_s=300",
+                            f"run.dir={tmp_path / 'run'}"),
+        env=child_env(**env), capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.monotonic() - started
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    print(f"MASTER_ADDR=nosuch.invalid: exit {proc.returncode} after {elapsed:.1f} s: {errors}")
+    assert proc.returncode == 69, proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("distmnist: error: network: nosuch.invalid does not resolve"), \
+        proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert elapsed < 60, elapsed  # the import of torch; the start-up timeout is 300 s

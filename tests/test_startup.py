@@ -141,3 +141,32 @@ def test_startup_timeout_is_its_own_key():
     assert load_config(None, []).dist.startup_timeout_s < load_config(None, []).dist.timeout_s
     with pytest.raises(DistMnistError, match="dist.startup_timeout_s"):
         load_config(None, ["dist.startup_timeout_s=0"])
+
+
+def test_the_interface_choice_on_this_machine(capsys, monkeypatch):
+    """core/network on loopback only (the two-node cases are in test_multinode): one node and a loopback MASTER_ADDR
+    (several agents on one machine) change nothing; a MASTER_ADDR that does not resolve (the resolver stubbed: no
+    DNS query leaves this machine) in a two-node job is one line, exit 69, said by local rank 0 alone."""
+    from distmnist.core import network
+    from distmnist.core.errors import NetworkUnusable, report_errors
+
+    for nodes, master in ((1, "127.0.0.1"), (2, "127.0.0.1"), (2, "localhost")):
+        environ = {"MASTER_ADDR": master}
+        assert network.choose_interface(nodes, "gloo", environ) is None and environ == {"MASTER_ADDR": master}
+    route = network.route_to("127.0.0.1")
+    assert (route.address, route.source, route.interface, route.local) == ("127.0.0.1", "127.0.0.1", "lo", True)
+    resolve = network.resolve
+    monkeypatch.setattr(network, "resolve", lambda host: [] if host == "nosuch.invalid" else resolve(host))
+    assert network.choose_interface(1, "gloo", {"MASTER_ADDR": "nosuch.invalid"}) is None  # one node: as before
+    with pytest.raises(NetworkUnusable, match="nosuch.invalid does not resolve"):
+        network.choose_interface(2, "gloo", {"MASTER_ADDR": "nosuch.invalid"})
+
+    @report_errors
+    def main():
+        network.choose_interface(2, "gloo", {"MASTER_ADDR": "nosuch.invalid"})
+
+    for local, said in (("0", 1), ("1", 0)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("LOCAL_RANK", local)
+            assert main() == STARTUP_EXIT
+        assert capsys.readouterr().err.count("distmnist: error: network: nosuch.invalid") == said

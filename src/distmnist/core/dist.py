@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from distmnist.core import network
 from distmnist.core.errors import DistMnistError, StartupIncomplete
 
 STARTUP_TIMEOUT_S = 180.0  # for callers without a config; dist.startup_timeout_s's default (core/config.py says why)
@@ -115,6 +117,11 @@ def init_process_group(env: DistEnv, timeout_s: float, startup_timeout_s: float 
         torch.cuda.set_device(env.device)
     if env.world_size == 1 or dist.is_initialized():
         return
+    # several nodes: the interface that routes to MASTER_ADDR (said once per node), or one line why the network
+    # cannot work (exit 69) -- before the store and the backend, which bind and connect by these variables
+    choice = network.choose_interface(env.num_nodes, env.backend)
+    if choice is not None and env.local_rank == 0:
+        print(choice.line(), file=sys.stderr, flush=True)
     store = agreed_store(env, startup_timeout_s)
     store.set_timeout(timedelta(seconds=timeout_s))
     kwargs = {}

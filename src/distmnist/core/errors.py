@@ -93,6 +93,11 @@ class StartupIncomplete(Exception):
     once the missing node is up (exit 69, EX_UNAVAILABLE)."""
 
 
+class NetworkUnusable(StartupIncomplete):
+    """This node's network cannot carry the job (core/network.py says why, before any store or collective): the same
+    for every process of the node, so its local rank 0 alone prints it (exit 69 on each)."""
+
+
 class Stopped(Exception):
     """Training stopped on SIGTERM/SIGUSR1/SIGINT (`signum`) after every rank wrote its part of a checkpoint."""
 
@@ -220,7 +225,8 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(*args, **kwargs) or 0
         except StartupIncomplete as err:  # every process that came says it: the missing ones may say nothing
-            return say(str(err), STARTUP_EXIT)
+            # the network cannot work (core/network): the same for every process of the node, said once there
+            return say(str(err), STARTUP_EXIT, "local" if isinstance(err, NetworkUnusable) else "every")
         except DistMnistError as err:
             printer = "zero" if isinstance(err, AgreedError) else "local" if isinstance(err, UsageError) else "every"
             return say(" ".join(str(err).split()), USAGE_EXIT, printer)

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 BAD_LR = "config key 'optim.lr' must be a finite number greater than zero, got -1.0"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 WRAPPER = [sys.executable, "-m", "distmnist.tools.torchrun", "--standalone", "--nproc_per_node=2"]
-FOREIGN = "belongs to a fabric run; use another run.dir for ddp"
+FOREIGN = "belongs to a fabric run: continue it with `python -m distmnist.fabric`"
 
 
 def foreign_run_dir(tmp: Path) -> Path:

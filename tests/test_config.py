@@ -378,7 +378,8 @@ def test_every_schema_key_accepts_its_own_default_as_override():
         (["data.global_batch_size=192", "data.batch_size=96"], 2, (96, 1, 192, True)),
         (["data.global_batch_size=192", "data.batch_size=64"], 3, (64, 1, 192, True)),
         (["data.global_batch_size=192", "data.batch_size=96"], 1, (96, 2, 192, True)),  # accumulation derived
-        (["data.global_batch_size=192", "data.batch_size=48", "train.accumulate_grad_batches=2"], 2, (48, 2, 192, True)),
+        (["data.global_batch_size=192", "data.batch_size=48", "train.accumulate_grad_batches=2"], 2,
+         (48, 2, 192, True)),
     ],
 )
 def test_batching_holds_the_global_batch(overrides, world, want):
@@ -391,10 +392,12 @@ def test_batching_holds_the_global_batch(overrides, world, want):
     "overrides, world, words",
     [
         (["data.global_batch_size=192"], 5, "cannot be split over 5 processes"),
-        (["data.global_batch_size=192", "data.batch_size=100"], 1, "data.batch_size=96 train.accumulate_grad_batches=2"),
+        (["data.global_batch_size=192", "data.batch_size=100"], 1,
+         "data.batch_size=96 train.accumulate_grad_batches=2"),
         (["data.global_batch_size=192", "data.batch_size=96", "train.accumulate_grad_batches=1"], 1,
          "needs data.batch_size x train.accumulate_grad_batches = 192"),
-        (["data.global_batch_size=192", "data.batch_size=256"], 1, "data.batch_size=192 train.accumulate_grad_batches=1"),
+        (["data.global_batch_size=192", "data.batch_size=256"], 1,
+         "data.batch_size=192 train.accumulate_grad_batches=1"),
     ],
 )
 def test_a_global_batch_that_cannot_hold_is_one_line_saying_what_to_change(overrides, world, words):

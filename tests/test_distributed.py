@@ -51,7 +51,8 @@ def test_model_pt_bit_identical_across_strategies(runs):
 
 def test_metrics_json_same_numbers_and_shape(runs):
     ref = metrics(runs["ddp"][0])
-    for key in ("strategy", "world_size", "epochs", "global_step", "val_acc", "val_loss", "train_samples_per_sec", "wall_s"):
+    keys = ("strategy", "world_size", "epochs", "global_step", "val_acc", "val_loss", "train_samples_per_sec", "wall_s")
+    for key in keys:
         assert key in ref
     assert ref["world_size"] == 2 and ref["epochs"] == 2 and ref["global_batch_size"] == 64
     assert ref["global_step"] == 2 * 32  # 2048 samples / 2 ranks / 32 per batch = 32 steps per epoch
@@ -88,7 +89,8 @@ def test_hparams_recorded_once(runs):
         for f in (runs[name][0] / "tb").glob("events.out.tfevents.*"):
             for event in EventFileLoader(str(f)).Load():
                 for value in event.summary.value:
-                    if value.metadata.plugin_data.plugin_name == "hparams" and value.tag == "_hparams_/session_start_info":
+                    plugin = value.metadata.plugin_data.plugin_name
+                    if plugin == "hparams" and value.tag == "_hparams_/session_start_info":
                         sessions += 1
         assert sessions == 1, name
 

@@ -390,7 +390,8 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2, proc.stderr  # the package's exit code for it, through the entry points' wrapper
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("distmnist: error: cannot write") and "intact" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("distmnist: error: cannot write") and "intact" in lines[0], proc.stderr
     assert target.read_bytes() == b"the good old checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
@@ -557,7 +558,8 @@ def test_ctrl_c_in_one_process_exits_130_then_resumes_exactly(reference_one_proc
     The same command resumes to the uninterrupted weights."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "distmnist.ddp", *SINGLE, f"run.dir={run_dir}"]
-    proc = start_in_terminal(tmp_path, cmd, "stopped", DISTMNIST_TEST_ABORT_AT_TEARDOWN="1", **teardown_aborts(tmp_path))
+    aborting = teardown_aborts(tmp_path)
+    proc = start_in_terminal(tmp_path, cmd, "stopped", DISTMNIST_TEST_ABORT_AT_TEARDOWN="1", **aborting)
     rc = ctrl_c(proc, run_dir)
     err = (tmp_path / "stopped.log").read_text()
     assert rc == 130, err[-3000:]

@@ -269,8 +269,8 @@ def test_kill_9_then_sigterm_mid_epoch_resume_bit_identical(runs2, tmp_path, str
 
 
 # ------------------------------------------------------------------------------------------- memory
-MEMORY = ("checkpoint.every_n_steps=0", "model.hidden=[2048,2048]", "optim.name=adam", "optim.lr=0.001", "data.train_samples=256",
-          "data.test_samples=64", "train.epochs=1")
+MEMORY = ("checkpoint.every_n_steps=0", "model.hidden=[2048,2048]", "optim.name=adam", "optim.lr=0.001",
+          "data.train_samples=256", "data.test_samples=64", "train.epochs=1")
 
 
 def test_fsdp_holds_about_half_of_ddp_per_rank_with_adam_2048(tmp_path):

@@ -42,7 +42,8 @@ import importlib, pkgutil, sys
 import distmnist.core
 for module in pkgutil.iter_modules(distmnist.core.__path__):
     importlib.import_module(f"distmnist.core.{module.name}")
-print(sorted(name for name in sys.modules if name.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning")))
+LIGHTNING = ("lightning", "lightning_fabric", "pytorch_lightning")
+print(sorted(name for name in sys.modules if name.split(".")[0] in LIGHTNING))
 """
 
 

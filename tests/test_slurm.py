@@ -69,7 +69,8 @@ def test_sbatch_trains_with_two_cpu_processes(strategy_jobs, strategy):
     print(f"{strategy}: job {job.id} took {job.elapsed:.1f} s (3 jobs submitted together)")
     assert job.rc == 0, job.describe()
     log = job.log
-    assert f"strategy={strategy} nodes=1 processes=2 (2 per node, CPU, gloo) run.dir={job.run_dir} restart=0" in log, log
+    start = f"strategy={strategy} nodes=1 processes=2 (2 per node, CPU, gloo) run.dir={job.run_dir} restart=0"
+    assert start in log, log
     m = metrics(job.run_dir)  # the run dir is tied to the job: runs/<job name>-<job id>
     assert (m["strategy"], m["world_size"], m["num_nodes"], m["epochs"]) == (strategy, 2, 1, 2), m
     assert m["global_step"] == 64 and m["val_acc"] > 0.9, m

@@ -98,7 +98,9 @@ def train(cfg: Config) -> dict:
 
         if capture_applies(cfg, env):  # one GPU, train.cuda_graphs: the same step replayed from a CUDA graph
             train_step = CapturedStep(forward_backward, optimizer.step, optimizer, tally)
-        stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler, **({"scaler": scaler} if scaler else {})}
+        stateful = {"model": net, "optimizer": optimizer, "scheduler": scheduler}
+        if scaler is not None:
+            stateful["scaler"] = scaler
 
         cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
 
@@ -106,7 +108,8 @@ def train(cfg: Config) -> dict:
             state.tally = tally.all_state()  # a collective: every rank is here at the same step
             cadence.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
-            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})  # rank 0 writes (FSDP: each rank its shards), all wait
+            # rank 0 writes (FSDP: each rank its shards), all wait
+            fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
             run.prune(state.global_step)
             return path
 

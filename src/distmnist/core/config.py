@@ -128,7 +128,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def run_dir(self, strategy: str) -> Path:
-        return Path(self.run.dir) if self.run.dir is not None else Path("runs") / f"{strategy}-{self.run.name or 'default'}"
+        if self.run.dir is not None:
+            return Path(self.run.dir)
+        return Path("runs") / f"{strategy}-{self.run.name or 'default'}"
 
 
 # Keys that decide the training trajectory: resuming a run dir with other values would not continue the same
@@ -238,7 +240,8 @@ def identity(cfg: Config) -> dict[str, Any]:
     data.global_batch_size the per-process batch the global batch is made of."""
     out = {**trajectory(cfg), "train.parallel": cfg.train.parallel}
     if cfg.data.global_batch_size is None:
-        out.update({"data.batch_size": cfg.data.batch_size, "train.accumulate_grad_batches": cfg.train.accumulate_grad_batches})
+        out["data.batch_size"] = cfg.data.batch_size
+        out["train.accumulate_grad_batches"] = cfg.train.accumulate_grad_batches
     return out
 
 

@@ -81,7 +81,8 @@ def settle_buckets(root: nn.Module) -> None:
 
     for module in root.modules():
         reducer = getattr(module, "reducer", None) if isinstance(module, DistributedDataParallel) else None
-        if reducer is not None and hasattr(reducer, "_push_all_rebuilt_params") and hasattr(reducer, "_rebuild_buckets"):
+        api = ("_push_all_rebuilt_params", "_rebuild_buckets")
+        if reducer is not None and all(hasattr(reducer, name) for name in api):
             reducer._push_all_rebuilt_params()
             reducer._rebuild_buckets()
 

@@ -44,7 +44,8 @@ class Records:
         self.run.write_config()
         self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.run.tb_dir))
         if fresh:
-            self.tb.hparams({**config.flat_dict(self.cfg), "strategy": self.strategy, "world_size": self.env.world_size})
+            run_keys = {"strategy": self.strategy, "world_size": self.env.world_size}
+            self.tb.hparams({**config.flat_dict(self.cfg), **run_keys})
             self.tb.samples(samples[0][:32], samples[1][:32], CLASS_NAMES[self.cfg.data.name])
 
     def resume(self, meta: dict[str, Any]) -> TrainState:
@@ -107,7 +108,8 @@ class Records:
 
     def progress(self, batches: Iterable, state: TrainState) -> Iterator:
         """`batches` with a progress bar on rank 0 (raw DDP and Fabric; the Trainer has Lightning's)."""
-        self.bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{self.cfg.train.epochs}",
+        desc = f"epoch {state.epoch + 1}/{self.cfg.train.epochs}"
+        self.bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=desc,
                         disable=not self.show_progress, unit="step", mininterval=0.5, leave=False, dynamic_ncols=True)
         try:
             for batch in batches:

@@ -90,7 +90,8 @@ class RunDir:
         if self.env.is_zero:
             header = (
                 f"# distmnist run: strategy={self.strategy} world_size={self.env.world_size} "
-                f"device={self.env.device}\n# the resolved config: `distmnist train -c {self.config_yaml}` runs it again "
+                f"device={self.env.device}\n"
+                f"# the resolved config: `distmnist train -c {self.config_yaml}` runs it again "
                 f"(with the strategy above)\n"
             )
             checkpoint.atomic_write(self.config_yaml, (header + config.to_yaml(self.cfg)).encode())

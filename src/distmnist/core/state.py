@@ -18,7 +18,8 @@ class TrainState:
     epoch: int = 0  # the epoch in progress (the next one at an epoch boundary), counted from 0
     step_in_epoch: int = 0  # optimizer steps done in `epoch` (0 at an epoch boundary), by the whole job
     global_step: int = 0  # optimizer steps done in the whole run
-    global_batch: int = 0  # samples of one optimizer step over all processes (core/data/order.py: step k takes P[kG:(k+1)G])
+    # samples of one optimizer step over all processes (core/data/order.py: step k takes P[kG:(k+1)G])
+    global_batch: int = 0
     samples_in_epoch: int = 0  # samples of the epoch's padded permutation consumed: step_in_epoch x global_batch
     epoch_train_s: float = 0.0  # training seconds of `epoch` so far (a mid-epoch checkpoint continues the clock)
     elapsed_s: float = 0.0  # wall seconds of the run so far, over all its restarts

@@ -117,7 +117,8 @@ class CapturedStep:
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = torch.empty_like(x), torch.empty_like(y)
-        zero_grad(self.params, set_to_none=True)  # backward inside the capture allocates the gradients in the graph's memory pool
+        # backward inside the capture allocates the gradients in the graph's memory pool
+        zero_grad(self.params, set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the DataLoader's pin-memory thread may call CUDA during the capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):

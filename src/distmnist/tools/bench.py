@@ -310,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         for strategy in filter(None, args.strategies.split(",")):
             for loader in filter(None, args.loaders.split(",")):
                 name = strategy if parallel == "ddp" else f"{strategy}-{parallel}"
-                jobs.append((f"{name}/{loader}", strategy, loader, args.world_size,
-                             lambda tmp, s=strategy, lo=loader, pa=parallel: strategy_run(s, lo, cfg_args, args, tmp, pa)))
+                def run(tmp, s=strategy, lo=loader, pa=parallel):
+                    return strategy_run(s, lo, cfg_args, args, tmp, pa)
+
+                jobs.append((f"{name}/{loader}", strategy, loader, args.world_size, run))
     results: dict[str, list[dict]] = {job[0]: [] for job in jobs}
     with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
         for round_ in range(args.repeats):  # rounds interleave the rows: a slow spell of the machine hits them all

@@ -37,14 +37,16 @@ def train_with(strategy: str, cfg) -> dict:
 DELEGATED = {
     "evaluate": ("distmnist.tools.evaluate", "exact test-set accuracy and loss of a model.pt, any number of processes"),
     "bench": ("distmnist.tools.bench", "speed of the strategies against the tutorial loops, one table"),
-    "compare": ("distmnist.tools.compare", "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
+    "compare": ("distmnist.tools.compare",
+                "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
     "predict": ("distmnist.tools.predict", "classify image files with a model.pt"),
 }
 
 
 def train_parser() -> Parser:
     p = Parser(prog="distmnist train", description="Train with one strategy in this process (torchrun for several).")
-    p.add_argument("--strategy", help="ddp | trainer | fabric (default: the strategy a run's config.yaml names, else ddp)")
+    p.add_argument("--strategy",
+                   help="ddp | trainer | fabric (default: the strategy a run's config.yaml names, else ddp)")
     add_config_args(p)
     return p
 

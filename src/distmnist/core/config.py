@@ -32,6 +32,17 @@ ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
 PARALLEL = ("ddp", "fsdp")
 
+def one_of(default: str, choices: tuple[str, ...]) -> Any:
+    """A schema field that must be one of `choices` (validate checks it)."""
+    return field(default=default, metadata={"choices": choices})
+
+
+def positive(default: Any, zero: bool = False) -> Any:
+    """A schema field holding a finite number greater than zero (`zero`: or zero); None, where it is the default,
+    means unset (validate checks it)."""
+    return field(default=default, metadata={"positive": "zero or more" if zero else "greater than zero"})
+
+
 # The shipped configs of the checkout this file is in (<repo>/src/distmnist/core/config.py -> <repo>/configs).
 # Installed, they are the package distmnist.configs (see resolve_path).
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -39,23 +50,24 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"
+    name: str = one_of("mnist", DATASETS)
     root: str = "data"
-    batch_size: int = 64  # per process (per micro-batch); global batch = batch_size * world size * accumulation
+    # per process (per micro-batch); global batch = batch_size * world size * accumulation
+    batch_size: int = positive(64)
     # the optimizer's batch over all processes; when set, it holds whatever the number of processes (the accumulation
     # is derived when not given) and every optimizer step has exactly this many samples: resume on another number of
     # processes is exact (README, Preemption and elastic resume)
-    global_batch_size: int | None = None
-    eval_batch_size: int = 1000
-    loader: str = "resident"  # resident: whole split as one tensor on the device; dataloader: classic
-    num_workers: int = 2  # only for loader=dataloader
-    train_samples: int | None = None  # synthetic: size of the set; real data: use the first N
-    test_samples: int | None = None
+    global_batch_size: int | None = positive(None)
+    eval_batch_size: int = positive(1000)
+    loader: str = one_of("resident", LOADERS)  # resident: whole split as one tensor on the device; dataloader: classic
+    num_workers: int = positive(2, zero=True)  # only for loader=dataloader
+    train_samples: int | None = positive(None)  # synthetic: size of the set; real data: use the first N
+    test_samples: int | None = positive(None)
     download: bool = True  # torchvision download when the files are missing (one process per data.root)
     # how long preparing the files (waiting for another process's preparation, copying, downloading) may take
     # before the run stops saying so; separate from dist.timeout_s. 20 minutes: Fashion-MNIST's 30 MB from a
     # mirror at 25 kB/s.
-    prepare_timeout_s: float = 1200.0
+    prepare_timeout_s: float = positive(1200.0)
 
 
 @dataclass
@@ -65,42 +77,43 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # constant | cosine (per step, to 0 at the end of train.epochs)
+    name: str = one_of("sgd", OPTIMIZERS)
+    lr: float = positive(0.05)
+    momentum: float = positive(0.9, zero=True)  # and below 1
+    weight_decay: float = positive(0.0, zero=True)
+    schedule: str = one_of("cosine", SCHEDULES)  # constant | cosine (per step, to 0 at the end of train.epochs)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
-    precision: str = "32-true"
-    parallel: str = "ddp"  # ddp: the whole model on every rank; fsdp: parameters, gradients, optimizer state sharded
-    accelerator: str = "auto"
-    log_every_n_steps: int = 50
+    epochs: int = positive(5)
+    precision: str = one_of("32-true", PRECISIONS)
+    # ddp: the whole model on every rank; fsdp: parameters, gradients, optimizer state sharded
+    parallel: str = one_of("ddp", PARALLEL)
+    accelerator: str = one_of("auto", ACCELERATORS)
+    log_every_n_steps: int = positive(50)
     progress: bool = True  # progress bar on rank 0
     quiet: bool = False  # no progress bar, no per-epoch lines (--quiet): errors and the final line only
     cuda_graphs: bool = True  # one process on a CUDA device: replay the step from a CUDA graph (Trainer: 32-true)
     # micro-batches per optimizer step (Lightning's name); null: 1, or derived from data.global_batch_size
-    accumulate_grad_batches: int | None = None
+    accumulate_grad_batches: int | None = positive(None)
 
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 0  # 0: only at the end of each epoch
-    keep: int = 2
-    stop_check_every_n_steps: int = 10  # how often the ranks agree on a SIGTERM/SIGUSR1 (one tiny all-reduce)
+    every_n_steps: int = positive(0, zero=True)  # 0: only at the end of each epoch
+    keep: int = positive(2)
+    stop_check_every_n_steps: int = positive(10)  # how often the ranks agree on a SIGTERM/SIGUSR1 (one tiny all-reduce)
 
 
 @dataclass
 class DistConfig:
-    timeout_s: float = 300.0  # process-group timeout: a dead or stuck rank fails the job after this
+    timeout_s: float = positive(300.0)  # process-group timeout: a dead or stuck rank fails the job after this
     # every process must reach the process group within this, or each one that came names the missing ones (exit
     # 69). 180 s: on a real cluster the nodes of one job start seconds to a minute apart (srun/torchrun starting,
     # `import torch` from a cold shared file system on hundreds of nodes at once), so a shorter default would fail
     # healthy jobs; far below dist.timeout_s, NCCL's 10 and gloo's 30 minutes.
-    startup_timeout_s: float = 180.0
+    startup_timeout_s: float = positive(180.0)
 
 
 @dataclass
@@ -367,40 +380,29 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise DistMnistError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+def _positive(key: str, value: float | int | None, need: str) -> None:
     if value is None:
         return
-    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
-        need = "a finite number " + ("of zero or more" if allow_zero else "greater than zero")
-        raise DistMnistError(f"config key {key!r} must be {need}, got {value!r}")
+    if value < 0 or (value == 0 and need == "greater than zero") or not math.isfinite(value):
+        raise DistMnistError(f"config key {key!r} must be a finite number {'of ' if 'or' in need else ''}{need}, "
+                             f"got {value!r}")
+
+
+def _checked_fields(cfg: Config):
+    """(dotted key, value, the schema's checks) of every field that declares checks (one_of / positive)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        for f in dataclasses.fields(obj) if dataclasses.is_dataclass(obj) else ():
+            if f.metadata:
+                yield f"{section.name}.{f.name}", getattr(obj, f.name), f.metadata
 
 
 def validate(cfg: Config) -> None:
-    _choice("data.name", cfg.data.name, DATASETS)
-    _choice("data.loader", cfg.data.loader, LOADERS)
-    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
-    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
-    _choice("train.precision", cfg.train.precision, PRECISIONS)
-    _choice("train.accelerator", cfg.train.accelerator, ACCELERATORS)
-    _choice("train.parallel", cfg.train.parallel, PARALLEL)
-    _positive("data.batch_size", cfg.data.batch_size)
-    _positive("data.global_batch_size", cfg.data.global_batch_size)
-    _positive("train.accumulate_grad_batches", cfg.train.accumulate_grad_batches)
-    _positive("data.eval_batch_size", cfg.data.eval_batch_size)
-    _positive("data.num_workers", cfg.data.num_workers, allow_zero=True)
-    _positive("data.train_samples", cfg.data.train_samples)
-    _positive("data.test_samples", cfg.data.test_samples)
-    _positive("optim.lr", cfg.optim.lr)
-    _positive("optim.momentum", cfg.optim.momentum, allow_zero=True)
-    _positive("optim.weight_decay", cfg.optim.weight_decay, allow_zero=True)
-    _positive("train.epochs", cfg.train.epochs)
-    _positive("train.log_every_n_steps", cfg.train.log_every_n_steps)
-    _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, allow_zero=True)
-    _positive("checkpoint.keep", cfg.checkpoint.keep)
-    _positive("checkpoint.stop_check_every_n_steps", cfg.checkpoint.stop_check_every_n_steps)
-    _positive("dist.timeout_s", cfg.dist.timeout_s)
-    _positive("data.prepare_timeout_s", cfg.data.prepare_timeout_s)
-    _positive("dist.startup_timeout_s", cfg.dist.startup_timeout_s)
+    for key, value, meta in _checked_fields(cfg):
+        if "choices" in meta:
+            _choice(key, value, meta["choices"])
+        if "positive" in meta:
+            _positive(key, value, meta["positive"])
     if cfg.optim.momentum >= 1:
         raise DistMnistError(f"config key 'optim.momentum' must be below 1, got {cfg.optim.momentum}")
     if not cfg.model.hidden or any(h <= 0 for h in cfg.model.hidden):

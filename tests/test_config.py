@@ -1,4 +1,4 @@
-"""config.py: schema defaults, YAML file + `section.key=value` overrides, validation that names the key."""
+"""core/config/: schema defaults, YAML file + `section.key=value` overrides, validation that names the key."""
 
 from __future__ import annotations
 

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from distmnist.core import network
 from distmnist.core.errors import DistMnistError, StartupIncomplete
 
-STARTUP_TIMEOUT_S = 180.0  # for callers without a config; dist.startup_timeout_s's default (core/config.py says why)
+# for callers without a config; dist.startup_timeout_s's default (core/config/schema.py says why)
+STARTUP_TIMEOUT_S = 180.0
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,6 @@ from torch import nn
 
 from distmnist.core.dist import DistEnv
 
-PARALLEL = ("ddp", "fsdp")
-
 
 def mesh(env: DistEnv):
     """The 1-D device mesh over all processes (the data-parallel dimension). One process without a process group

@@ -11,7 +11,6 @@ What a run records in it (history, TensorBoard, metrics.json, console) is ``reco
 
 from __future__ import annotations
 
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,17 +23,15 @@ from distmnist.core.errors import DistMnistError, alike_on_every_rank
 from distmnist.core.model import hidden_from_state_dict
 from distmnist.core.state import TrainState
 
-OWNER = re.compile(r"^# distmnist run: strategy=(\w+)")
-
 
 def run_strategy(config_file: str | Path) -> str | None:
     """The strategy a run's config.yaml names in its first line (None for any other file)."""
     try:
         with open(config_file, encoding="utf-8") as f:
-            owner = OWNER.search(f.readline())
+            header = config.read_run_header(f.readline())
     except (OSError, UnicodeDecodeError):
         return None
-    return owner.group(1) if owner else None
+    return header["strategy"] if header else None
 
 
 class RunDir:
@@ -60,9 +57,9 @@ class RunDir:
             first = self.config_yaml.read_text().splitlines()[0]
         except (OSError, UnicodeDecodeError, IndexError):
             return
-        owner = OWNER.search(first)
-        if owner and owner.group(1) != self.strategy:
-            theirs = owner.group(1)
+        header = config.read_run_header(first)
+        if header and header["strategy"] != self.strategy:
+            theirs = header["strategy"]
             raise DistMnistError(
                 f"run.dir {self.path} belongs to a {theirs} run: continue it with `python -m distmnist.{theirs}` "
                 f"(`distmnist train --strategy {theirs}`), or train {self.strategy} in another run.dir"
@@ -88,13 +85,9 @@ class RunDir:
     def write_config(self) -> None:
         """config.yaml with the owner line (rank 0): `-c runs/<name>/config.yaml` runs it again."""
         if self.env.is_zero:
-            header = (
-                f"# distmnist run: strategy={self.strategy} world_size={self.env.world_size} "
-                f"device={self.env.device}\n"
-                f"# the resolved config: `distmnist train -c {self.config_yaml}` runs it again "
-                f"(with the strategy above)\n"
-            )
-            checkpoint.atomic_write(self.config_yaml, (header + config.to_yaml(self.cfg)).encode())
+            text = config.run_config_text(self.cfg, self.strategy, self.env.world_size, str(self.env.device),
+                                          self.config_yaml)
+            checkpoint.atomic_write(self.config_yaml, text.encode())
 
     @contextmanager
     def removed_if_refused(self):

@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distmnist.core import tblog
+from distmnist.core.config import read_run_header
 from distmnist.core.errors import DistMnistError, report_errors
 from distmnist.tools.table import text_table
 
-HEADER = re.compile(r"^# distmnist run: strategy=(\w+) world_size=(\d+) device=(\S+)")
 NUMBER = (int, float)
 
 # The metrics.json keys the table needs, and the per-epoch keys the plot needs.
@@ -80,9 +79,9 @@ def read_header(run_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError):
         return {}
     out: dict[str, Any] = {}
-    m = HEADER.match(text.splitlines()[0] if text else "")
-    if m:
-        out.update(strategy=m.group(1), world_size=int(m.group(2)), device=m.group(3).split(":")[0])
+    header = read_run_header(text.splitlines()[0] if text else "")
+    if header:
+        out.update(header, device=header["device"].split(":")[0])
     try:
         import yaml
 

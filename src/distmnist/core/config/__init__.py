@@ -13,7 +13,9 @@ from distmnist.core.config.loading import (
     config_from_flat,
     load_config,
     parse_override,
+    read_run_header,
     resolve_path,
+    run_config_text,
     run_name,
     to_yaml,
 )
@@ -48,6 +50,6 @@ __all__ = [
     "ACCELERATORS", "DATASETS", "LOADERS", "OPTIMIZERS", "PARALLEL", "PRECISIONS", "SCHEDULES", "SHIPPED_CONFIGS",
     "STRATEGIES", "TRAJECTORY_KEYS", "Batching", "CheckpointConfig", "Config", "DataConfig", "DistConfig",
     "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig", "batching", "config_from_flat", "flat_dict",
-    "identity", "known_keys", "load_config", "parse_override", "resolve_path", "run_name", "to_yaml", "trajectory",
-    "validate",
+    "identity", "known_keys", "load_config", "parse_override", "read_run_header", "resolve_path", "run_config_text",
+    "run_name", "to_yaml", "trajectory", "validate",
 ]

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -222,3 +223,24 @@ def to_yaml(cfg: Config) -> str:
 
 def _first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+# The first line of a run's config.yaml: which strategy, how many processes, which device wrote it.
+RUN_HEADER = re.compile(r"^# distmnist run: strategy=(\w+) world_size=(\d+) device=(\S+)")
+
+
+def run_config_text(cfg: Config, strategy: str, world_size: int, device: str, path: Path) -> str:
+    """A run's config.yaml: the header line, then the resolved config (`distmnist train -c path` reruns it)."""
+    return (
+        f"# distmnist run: strategy={strategy} world_size={world_size} device={device}\n"
+        f"# the resolved config: `distmnist train -c {path}` runs it again (with the strategy above)\n"
+        + to_yaml(cfg)
+    )
+
+
+def read_run_header(first_line: str) -> dict[str, Any] | None:
+    """strategy / world_size / device of a run's config.yaml first line (None for any other line)."""
+    m = RUN_HEADER.match(first_line)
+    if m is None:
+        return None
+    return {"strategy": m.group(1), "world_size": int(m.group(2)), "device": m.group(3)}

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import ModelParallelStrategy
 from procs import child_env, ok
 
@@ -257,3 +258,60 @@ def test_the_trainer_saves_resumes_and_accumulates_through_the_sharded_strategy(
     assert resumed.global_step == 2
     assert torch.equal(again.layer.weight, module.layer.weight) and torch.equal(again.layer.bias, module.layer.bias)
     assert torch.equal(resumed.optimizers[0].state[again.layer.weight]["momentum_buffer"], momentum)
+
+
+# ------------------------------------------------------------- per-step costs: NoProfiler, check_step_signature_once
+class CountingProfiler(internals.NoProfiler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def profile(self, action_name: str):
+        self.names.append(action_name)
+        return super().profile(action_name)
+
+
+def test_the_trainer_enters_its_profiler_around_every_hook_and_no_profiler_is_a_null_context():
+    """Lightning enters ``trainer.profiler.profile(name)`` around each hook (a generator per call with the default
+    PassThroughProfiler); NoProfiler is that profiler, its ``profile`` one shared null context."""
+    assert issubclass(internals.NoProfiler, PassThroughProfiler)
+    assert callable(getattr(PassThroughProfiler, "profile", None))
+    profiler = CountingProfiler()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, profiler=profiler)
+    assert trainer.profiler is profiler
+    trainer.fit(Tiny(), train_dataloaders=tiny_batches(4))
+    assert "run_training_batch" in profiler.names and any("training_step" in n for n in profiler.names)
+    with profiler.profile("x") as entered:
+        assert entered is None
+    assert internals.NoProfiler().profile("a") is internals.NoProfiler().profile("b")
+
+
+class StepIndices(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch_idx)
+        return super().training_step(batch, batch_idx)
+
+
+class NoStepIndex(Tiny):
+    def training_step(self, batch):
+        return self.layer(batch[0]).sum()
+
+
+def test_the_training_loop_builds_the_step_arguments_where_check_step_signature_once_decides_them():
+    """``_build_kwargs(kwargs, batch, batch_idx)`` is still the epoch loop's; with the decision taken once, a
+    training_step with batch_idx gets every index and one without it gets none (both fit)."""
+    loop = quiet_trainer().fit_loop.epoch_loop
+    assert list(inspect.signature(loop._build_kwargs).parameters) == ["kwargs", "batch", "batch_idx"]
+    for module_class in (StepIndices, NoStepIndex):
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+        internals.check_step_signature_once(trainer)
+        assert trainer.fit_loop.epoch_loop._build_kwargs is not loop._build_kwargs
+        module = module_class()
+        trainer.fit(module, train_dataloaders=tiny_batches(3))
+        assert trainer.global_step == 3
+        if module_class is StepIndices:
+            assert module.seen == [0, 1, 2]

@@ -134,8 +134,9 @@ class RunRecords(Callback):
         if trainer.global_step == self.state.global_step:  # a micro-batch that accumulates: no optimizer step yet
             return
         self.state.advance()
-        loss = outputs["loss"] * trainer.accumulate_grad_batches  # Lightning hands on the loss divided by it
-        for key, value in self.records.log_step(self.state.global_step, loss, self.lr).items():
+        loss = outputs["loss"]  # divided by accumulate_grad_batches: Records.log_step multiplies it back when logging
+        for key, value in self.records.log_step(self.state.global_step, loss, self.lr,
+                                                trainer.accumulate_grad_batches).items():
             pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)  # rank 0's bar
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
@@ -235,9 +236,11 @@ def train(cfg: Config) -> dict:
             enable_progress_bar=records.show_progress,
             enable_model_summary=False,
             log_every_n_steps=cfg.train.log_every_n_steps,
+            profiler=internals.NoProfiler(),  # Lightning's default, without a context manager made per hook
             default_root_dir=str(run.path),
         )
         internals.leave_sigterm_to_distmnist(trainer)
+        internals.check_step_signature_once(trainer)
         # NNModule with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
         module = internals.tuned(NNModule, graph_step)(cfg)

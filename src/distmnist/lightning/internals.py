@@ -7,6 +7,8 @@ behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails 
 * :func:`tuned` -- the LightningModule with per-step costs removed (``_current_fx_name`` writes, the profiler
   scope of ``zero_grad``, a device transfer of batches already on the device) and, on one GPU at 32-true, the
   step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
+* :class:`NoProfiler` -- Lightning's default PassThroughProfiler without its per-hook generator (~70 a step).
+* :func:`check_step_signature_once` -- the training loop's per-step ``inspect`` of ``training_step``, done once.
 * :func:`leave_sigterm_to_distmnist` -- Lightning's own SIGTERM handler, which would end a run with exit 0 and no
   checkpoint; and its per-step SIGTERM broadcast (a collective and a host sync), which then has nothing to share.
 * :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
@@ -16,12 +18,14 @@ behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.profilers import PassThroughProfiler
 
 from distmnist.core.steps import CapturedStep, parameters, zero_grad
 
@@ -85,6 +89,43 @@ def tuned(module_class: type, graph_step: bool = False) -> type:
     """`module_class` with :class:`FastHooks` (and :class:`GraphStep`): the same arithmetic, fewer costs."""
     bases = (GraphStep, FastHooks, module_class) if graph_step else (FastHooks, module_class)
     return type(f"Tuned{module_class.__name__}", bases, {})
+
+
+class NoProfiler(PassThroughProfiler):
+    """The Trainer's default profiler (it records nothing), whose ``profile(name)`` hands back one shared null context
+    instead of making a ``@contextmanager`` generator: Lightning 2.6 enters ``trainer.profiler.profile(...)`` around
+    every hook of every callback, module and strategy, ~70 times a step. Given as ``Trainer(profiler=NoProfiler())``
+    (public API); a Lightning whose Profiler has no ``profile`` method uses its own."""
+
+    _NOTHING = contextlib.nullcontext()
+
+    def profile(self, action_name: str):
+        return self._NOTHING
+
+
+def check_step_signature_once(trainer) -> None:
+    """Lightning 2.6's training loop decides before every step whether ``training_step`` takes ``batch_idx``
+    (``_TrainingEpochLoop._build_kwargs`` -> ``is_param_in_hook_signature`` -> ``inspect.getfullargspec``, ~30 us a
+    step on a CPU). The answer is the same for every step of a fit: it is taken from the first call and reused. A
+    Lightning without ``_build_kwargs`` is left alone."""
+    loop = trainer.fit_loop.epoch_loop
+    build = getattr(loop, "_build_kwargs", None)
+    if not callable(build):
+        return
+    decided: dict[type, bool] = {}  # the module's class -> passes batch_idx
+
+    def build_kwargs(kwargs, batch, batch_idx):
+        module_class = type(trainer.lightning_module)
+        if module_class not in decided:
+            kwargs = build(kwargs, batch, batch_idx)
+            decided[module_class] = "batch_idx" in kwargs
+            return kwargs
+        kwargs["batch"] = batch
+        if decided[module_class]:
+            kwargs["batch_idx"] = batch_idx
+        return kwargs
+
+    loop._build_kwargs = build_kwargs
 
 
 def leave_sigterm_to_distmnist(trainer) -> None:

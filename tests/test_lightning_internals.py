@@ -315,3 +315,48 @@ def test_the_training_loop_builds_the_step_arguments_where_check_step_signature_
         assert trainer.global_step == 3
         if module_class is StepIndices:
             assert module.seen == [0, 1, 2]
+
+
+class PairTiny(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[1].clone())
+        return self.layer(batch[0]).sum()
+
+
+class Shifted(L.LightningDataModule):
+    """A data module whose on_before_batch_transfer adds 100 to the targets (or, `plain`, has no batch hooks)."""
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__()
+        if not plain:
+            self.on_before_batch_transfer = lambda batch, dataloader_idx: (batch[0], batch[1] + 100)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.arange(6.0).view(3, 2), torch.arange(3))
+        return torch.utils.data.DataLoader(data, batch_size=1)
+
+
+def test_lightning_routes_batches_through_the_module_methods_fast_hooks_replaces():
+    """Lightning 2.6's loop passes each batch through LightningModule._on_before_batch_transfer and (its strategy's
+    batch_to_device) _apply_batch_transfer_handler, with these parameters; FastHooks hands the batch on directly when
+    no batch hook is overridden, and leaves an overridden one (here the data module's) to Lightning."""
+    for name, params in (("_on_before_batch_transfer", ["self", "batch", "dataloader_idx"]),
+                         ("_apply_batch_transfer_handler", ["self", "batch", "device", "dataloader_idx"])):
+        assert list(inspect.signature(getattr(L.LightningModule, name)).parameters) == params, name
+    calls = []
+
+    class Probe(internals.FastHooks, PairTiny):
+        def _apply_batch_transfer_handler(self, batch, device=None, dataloader_idx: int = 0):
+            calls.append(self._plain_batch_hooks())
+            return super()._apply_batch_transfer_handler(batch, device, dataloader_idx)
+
+    for plain in (True, False):
+        calls.clear()
+        module = Probe()
+        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, datamodule=Shifted(plain))
+        assert calls == [plain] * 3
+        assert [int(y) for y in module.seen] == [i + (0 if plain else 100) for i in range(3)]

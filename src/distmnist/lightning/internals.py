@@ -5,7 +5,8 @@ reader copying the Trainer pattern can leave out. Each piece names what it relie
 behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails when an upgrade changes it.
 
 * :func:`tuned` -- the LightningModule with per-step costs removed (``_current_fx_name`` writes, the profiler
-  scope of ``zero_grad``, a device transfer of batches already on the device) and, on one GPU at 32-true, the
+  scope of ``zero_grad``, the dispatch of batch hooks nobody overrides, a device transfer of batches already on
+  the device) and, on one GPU at 32-true, the
   step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
 * :class:`NoProfiler` -- Lightning's default PassThroughProfiler without its per-hook generator (~70 a step).
 * :func:`check_step_signature_once` -- the training loop's per-step ``inspect`` of ``training_step``, done once.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from distmnist.core.steps import CapturedStep, parameters, zero_grad
 
@@ -45,6 +47,30 @@ class FastHooks:
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
         zero_grad(parameters(optimizer))  # optimizer.zero_grad() without its per-call profiler scope
+
+    def _plain_batch_hooks(self) -> bool:
+        """Neither this module nor the trainer's data module overrides on_before/after_batch_transfer, nor the data
+        module transfer_batch_to_device (decided once per fit)."""
+        trainer = self._trainer
+        if getattr(self, "_plain_for", None) is not trainer:
+            datamodule = getattr(trainer, "datamodule", None)
+            hooks = ("on_before_batch_transfer", "on_after_batch_transfer", "transfer_batch_to_device")
+            self._plain = not (any(is_overridden(h, self) for h in hooks[:2])
+                               or (datamodule is not None and any(is_overridden(h, datamodule) for h in hooks)))
+            self._plain_for = trainer
+        return self._plain
+
+    def _on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        # Lightning 2.6 routes each of the three batch hooks through _call_batch_hook (which of module and data
+        # module overrides it, _current_fx_name, profiler) every step; with none overridden they hand the batch on
+        if self._trainer is None or not self._plain_batch_hooks():
+            return super()._on_before_batch_transfer(batch, dataloader_idx)
+        return batch
+
+    def _apply_batch_transfer_handler(self, batch, device=None, dataloader_idx: int = 0):
+        if self._trainer is None or not self._plain_batch_hooks():
+            return super()._apply_batch_transfer_handler(batch, device, dataloader_idx)
+        return self.transfer_batch_to_device(batch, device or self.device, dataloader_idx)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         x, y = batch

@@ -149,8 +149,8 @@ class RunRecords(Callback):
 
 class RunProgressBar(TQDMProgressBar):
     """Lightning's bar, redrawn every 20 steps, showing RunRecords' last loss and samples/s. (Through
-    ``get_metrics``, not ``self.log(..., prog_bar=True)``: Lightning collects logged values on every step, logged or
-    not, which costs the Trainer ~10% of a step on a CPU.)"""
+    ``get_metrics``, not ``self.log(..., prog_bar=True)``: Lightning gathers every logged value again after every
+    step, logged or not, and each ``self.log`` call costs far more than the step's Python.)"""
 
     def __init__(self, run_records: RunRecords) -> None:
         super().__init__(refresh_rate=20)  # the per-step Python cost of redrawing shows on a GPU

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.strategies import ModelParallelStrategy
 from procs import child_env, ok
 
@@ -302,3 +303,105 @@ def test_the_trainer_saves_resumes_and_accumulates_through_the_sharded_strategy(
     assert resumed.global_step == 2
     assert torch.equal(again.layer.weight, module.layer.weight) and torch.equal(again.layer.bias, module.layer.bias)
     assert torch.equal(resumed.optimizers[0].state[again.layer.weight]["momentum_buffer"], momentum)
+
+
+# ------------------------------------------------------------- per-step costs: NoProfiler, check_step_signature_once
+class CountingProfiler(internals.NoProfiler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def profile(self, action_name: str):
+        self.names.append(action_name)
+        return super().profile(action_name)
+
+
+def test_the_trainer_enters_its_profiler_around_every_hook_and_no_profiler_is_a_null_context():
+    """Lightning enters ``trainer.profiler.profile(name)`` around each hook (a generator per call with the default
+    PassThroughProfiler); NoProfiler is that profiler, its ``profile`` one shared null context."""
+    assert issubclass(internals.NoProfiler, PassThroughProfiler)
+    assert callable(getattr(PassThroughProfiler, "profile", None))
+    profiler = CountingProfiler()
+    trainer = quiet_trainer(max_steps=2, limit_val_batches=0, profiler=profiler)
+    assert trainer.profiler is profiler
+    trainer.fit(Tiny(), train_dataloaders=tiny_batches(4))
+    assert "run_training_batch" in profiler.names and any("training_step" in n for n in profiler.names)
+    with profiler.profile("x") as entered:
+        assert entered is None
+    assert internals.NoProfiler().profile("a") is internals.NoProfiler().profile("b")
+
+
+class StepIndices(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch_idx)
+        return super().training_step(batch, batch_idx)
+
+
+class NoStepIndex(Tiny):
+    def training_step(self, batch):
+        return self.layer(batch[0]).sum()
+
+
+def test_the_training_loop_builds_the_step_arguments_where_check_step_signature_once_decides_them():
+    """``_build_kwargs(kwargs, batch, batch_idx)`` is still the epoch loop's; with the decision taken once, a
+    training_step with batch_idx gets every index and one without it gets none (both fit)."""
+    loop = quiet_trainer().fit_loop.epoch_loop
+    assert list(inspect.signature(loop._build_kwargs).parameters) == ["kwargs", "batch", "batch_idx"]
+    for module_class in (StepIndices, NoStepIndex):
+        trainer = quiet_trainer(max_epochs=1, limit_val_batches=0)
+        internals.check_step_signature_once(trainer)
+        assert trainer.fit_loop.epoch_loop._build_kwargs is not loop._build_kwargs
+        module = module_class()
+        trainer.fit(module, train_dataloaders=tiny_batches(3))
+        assert trainer.global_step == 3
+        if module_class is StepIndices:
+            assert module.seen == [0, 1, 2]
+
+
+class PairTiny(Tiny):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[1].clone())
+        return self.layer(batch[0]).sum()
+
+
+class Shifted(L.LightningDataModule):
+    """A data module whose on_before_batch_transfer adds 100 to the targets (or, `plain`, has no batch hooks)."""
+
+    def __init__(self, plain: bool) -> None:
+        super().__init__()
+        if not plain:
+            self.on_before_batch_transfer = lambda batch, dataloader_idx: (batch[0], batch[1] + 100)
+
+    def train_dataloader(self):
+        data = torch.utils.data.TensorDataset(torch.arange(6.0).view(3, 2), torch.arange(3))
+        return torch.utils.data.DataLoader(data, batch_size=1)
+
+
+def test_lightning_routes_batches_through_the_module_methods_fast_hooks_replaces():
+    """Lightning 2.6's loop passes each batch through LightningModule._on_before_batch_transfer and (its strategy's
+    batch_to_device) _apply_batch_transfer_handler, with these parameters; FastHooks hands the batch on directly when
+    no batch hook is overridden, and leaves an overridden one (here the data module's) to Lightning."""
+    for name, params in (("_on_before_batch_transfer", ["self", "batch", "dataloader_idx"]),
+                         ("_apply_batch_transfer_handler", ["self", "batch", "device", "dataloader_idx"])):
+        assert list(inspect.signature(getattr(L.LightningModule, name)).parameters) == params, name
+    calls = []
+
+    class Probe(internals.FastHooks, PairTiny):
+        def _apply_batch_transfer_handler(self, batch, device=None, dataloader_idx: int = 0):
+            calls.append(self._plain_batch_hooks())
+            return super()._apply_batch_transfer_handler(batch, device, dataloader_idx)
+
+    for plain in (True, False):
+        calls.clear()
+        module = Probe()
+        quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, datamodule=Shifted(plain))
+        assert calls == [plain] * 3
+        assert [int(y) for y in module.seen] == [i + (0 if plain else 100) for i in range(3)]

@@ -114,6 +114,7 @@ class RunRecords(Callback):
     def __init__(self, records: Records, state: TrainState, fresh: bool) -> None:
         self.records, self.state, self.fresh = records, state, fresh
         self.lr, self.train_s = 0.0, 0.0
+        self.shown: dict[str, float] = {}  # the last logged loss and samples/s
 
     def setup(self, trainer, pl_module, stage) -> None:
         writer = trainer.logger.experiment if trainer.is_global_zero else None  # the TensorBoardLogger's writer
@@ -134,9 +135,9 @@ class RunRecords(Callback):
         if trainer.global_step == self.state.global_step:  # a micro-batch that accumulates: no optimizer step yet
             return
         self.state.advance()
-        loss = outputs["loss"] * trainer.accumulate_grad_batches  # Lightning hands on the loss divided by it
-        for key, value in self.records.log_step(self.state.global_step, loss, self.lr).items():
-            pl_module.log(key, value, prog_bar=True, logger=False, rank_zero_only=True)  # rank 0's bar
+        loss = outputs["loss"]  # divided by accumulate_grad_batches: Records.log_step multiplies it back when logging
+        # every log_every_n_steps steps (rank 0): TensorBoard, and the loss and samples/s for RunProgressBar
+        self.shown.update(self.records.log_step(self.state.global_step, loss, self.lr, trainer.accumulate_grad_batches))
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.train_s = self.records.epoch_seconds(sync=True)
@@ -144,6 +145,20 @@ class RunRecords(Callback):
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         val = pl_module.val_metrics.compute()  # synced over ranks by torchmetrics
         self.records.end_epoch(self.state, pl_module.tally.all_compute(), val, self.train_s)
+
+
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's bar, redrawn every 20 steps, showing RunRecords' last loss and samples/s. (Through
+    ``get_metrics``, not ``self.log(..., prog_bar=True)``: Lightning gathers every logged value again after every
+    step, logged or not, and each ``self.log`` call costs far more than the step's Python.)"""
+
+    def __init__(self, run_records: RunRecords) -> None:
+        super().__init__(refresh_rate=20)  # the per-step Python cost of redrawing shows on a GPU
+        self.run_records = run_records
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        shown = {key: f"{value:.4f}" if key == "loss" else f"{value:,.0f}" for key, value in self.run_records.shown.items()}
+        return {**super().get_metrics(trainer, pl_module), **shown}
 
 
 class RunCheckpoints(Callback):
@@ -223,10 +238,9 @@ def train(cfg: Config) -> dict:
             accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
             logger=internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
             callbacks=[
-                RunRecords(records, state, fresh=found is None),
+                run_records := RunRecords(records, state, fresh=found is None),
                 RunCheckpoints(run, records, state, cadence),
-                # a bar redrawn every 20 steps, not every step: the per-step Python cost of the default shows on a GPU
-                *([TQDMProgressBar(refresh_rate=20)] if records.show_progress else []),
+                *([RunProgressBar(run_records)] if records.show_progress else []),
             ],
             enable_checkpointing=False,  # RunCheckpoints writes them
             plugins=[adapters.checkpoint_io(), adapters.cluster_environment(env)],
@@ -235,9 +249,11 @@ def train(cfg: Config) -> dict:
             enable_progress_bar=records.show_progress,
             enable_model_summary=False,
             log_every_n_steps=cfg.train.log_every_n_steps,
+            profiler=internals.NoProfiler(),  # Lightning's default, without a context manager made per hook
             default_root_dir=str(run.path),
         )
         internals.leave_sigterm_to_distmnist(trainer)
+        internals.check_step_signature_once(trainer)
         # NNModule with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
         module = internals.tuned(NNModule, graph_step)(cfg)

@@ -118,12 +118,12 @@ class Records:
         finally:
             self.bar.close()
 
-    def log_step(self, global_step: int, loss: torch.Tensor, lr: float) -> dict[str, float]:
-        """Every train.log_every_n_steps steps (else nothing): train/loss and lr to TensorBoard, the one host sync
-        of the step path (rank 0 only). Returns the loss and the samples/s since the previous call."""
+    def log_step(self, global_step: int, loss: torch.Tensor, lr: float, scale: int = 1) -> dict[str, float]:
+        """Every train.log_every_n_steps steps (else nothing): train/loss (`loss` x `scale`) and lr to TensorBoard,
+        the one host sync of the step path (rank 0 only). Returns the loss and the samples/s since the previous call."""
         if global_step % self.cfg.train.log_every_n_steps or not self.env.is_zero:
             return {}
-        value = float(loss.detach())
+        value = float(loss.detach() * scale if scale != 1 else loss.detach())  # the product in the loss's dtype
         self.tb.step(global_step, value, lr)
         now = time.perf_counter()
         last_time, last_step = self._last_log

@@ -5,8 +5,11 @@ reader copying the Trainer pattern can leave out. Each piece names what it relie
 behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails when an upgrade changes it.
 
 * :func:`tuned` -- the LightningModule with per-step costs removed (``_current_fx_name`` writes, the profiler
-  scope of ``zero_grad``, a device transfer of batches already on the device) and, on one GPU at 32-true, the
+  scope of ``zero_grad``, the dispatch of batch hooks nobody overrides, a device transfer of batches already on
+  the device) and, on one GPU at 32-true, the
   step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
+* :class:`NoProfiler` -- Lightning's default PassThroughProfiler without its per-hook generator (~70 a step).
+* :func:`check_step_signature_once` -- the training loop's per-step ``inspect`` of ``training_step``, done once.
 * :func:`leave_sigterm_to_distmnist` -- Lightning's own SIGTERM handler, which would end a run with exit 0 and no
   checkpoint; and its per-step SIGTERM broadcast (a collective and a host sync), which then has nothing to share.
 * :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
@@ -16,12 +19,15 @@ behaviour when that is missing, and ``tests/test_lightning_internals.py`` fails 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.profilers import PassThroughProfiler
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from distmnist.core.steps import CapturedStep, parameters, zero_grad
 
@@ -41,6 +47,30 @@ class FastHooks:
 
     def optimizer_zero_grad(self, epoch, batch_idx, optimizer) -> None:
         zero_grad(parameters(optimizer))  # optimizer.zero_grad() without its per-call profiler scope
+
+    def _plain_batch_hooks(self) -> bool:
+        """Neither this module nor the trainer's data module overrides on_before/after_batch_transfer, nor the data
+        module transfer_batch_to_device (decided once per fit)."""
+        trainer = self._trainer
+        if getattr(self, "_plain_for", None) is not trainer:
+            datamodule = getattr(trainer, "datamodule", None)
+            hooks = ("on_before_batch_transfer", "on_after_batch_transfer", "transfer_batch_to_device")
+            self._plain = not (any(is_overridden(h, self) for h in hooks[:2])
+                               or (datamodule is not None and any(is_overridden(h, datamodule) for h in hooks)))
+            self._plain_for = trainer
+        return self._plain
+
+    def _on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        # Lightning 2.6 routes each of the three batch hooks through _call_batch_hook (which of module and data
+        # module overrides it, _current_fx_name, profiler) every step; with none overridden they hand the batch on
+        if self._trainer is None or not self._plain_batch_hooks():
+            return super()._on_before_batch_transfer(batch, dataloader_idx)
+        return batch
+
+    def _apply_batch_transfer_handler(self, batch, device=None, dataloader_idx: int = 0):
+        if self._trainer is None or not self._plain_batch_hooks():
+            return super()._apply_batch_transfer_handler(batch, device, dataloader_idx)
+        return self.transfer_batch_to_device(batch, device or self.device, dataloader_idx)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         x, y = batch
@@ -85,6 +115,43 @@ def tuned(module_class: type, graph_step: bool = False) -> type:
     """`module_class` with :class:`FastHooks` (and :class:`GraphStep`): the same arithmetic, fewer costs."""
     bases = (GraphStep, FastHooks, module_class) if graph_step else (FastHooks, module_class)
     return type(f"Tuned{module_class.__name__}", bases, {})
+
+
+class NoProfiler(PassThroughProfiler):
+    """The Trainer's default profiler (it records nothing), whose ``profile(name)`` hands back one shared null context
+    instead of making a ``@contextmanager`` generator: Lightning 2.6 enters ``trainer.profiler.profile(...)`` around
+    every hook of every callback, module and strategy, ~70 times a step. Given as ``Trainer(profiler=NoProfiler())``
+    (public API); a Lightning whose Profiler has no ``profile`` method uses its own."""
+
+    _NOTHING = contextlib.nullcontext()
+
+    def profile(self, action_name: str):
+        return self._NOTHING
+
+
+def check_step_signature_once(trainer) -> None:
+    """Lightning 2.6's training loop decides before every step whether ``training_step`` takes ``batch_idx``
+    (``_TrainingEpochLoop._build_kwargs`` -> ``is_param_in_hook_signature`` -> ``inspect.getfullargspec``, ~7 us a
+    step on a CPU). The answer is the same for every step of a fit: it is taken from the first call and reused. A
+    Lightning without ``_build_kwargs`` is left alone."""
+    loop = trainer.fit_loop.epoch_loop
+    build = getattr(loop, "_build_kwargs", None)
+    if not callable(build):
+        return
+    decided: dict[type, bool] = {}  # the module's class -> passes batch_idx
+
+    def build_kwargs(kwargs, batch, batch_idx):
+        module_class = type(trainer.lightning_module)
+        if module_class not in decided:
+            kwargs = build(kwargs, batch, batch_idx)
+            decided[module_class] = "batch_idx" in kwargs
+            return kwargs
+        kwargs["batch"] = batch
+        if decided[module_class]:
+            kwargs["batch_idx"] = batch_idx
+        return kwargs
+
+    loop._build_kwargs = build_kwargs
 
 
 def leave_sigterm_to_distmnist(trainer) -> None:

@@ -157,7 +157,8 @@ class RunProgressBar(TQDMProgressBar):
         self.run_records = run_records
 
     def get_metrics(self, trainer, pl_module) -> dict:
-        shown = {key: f"{value:.4f}" if key == "loss" else f"{value:,.0f}" for key, value in self.run_records.shown.items()}
+        shown = {key: f"{value:.4f}" if key == "loss" else f"{value:,.0f}"
+                 for key, value in self.run_records.shown.items()}
         return {**super().get_metrics(trainer, pl_module), **shown}
 
 

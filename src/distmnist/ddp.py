@@ -71,7 +71,7 @@ def train(cfg: Config) -> dict:
         tally = TrainTally(env.device)
 
         def train_step(x, y):
-            model.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             micro = data.micro_batches(x, y, accumulate)  # the step's samples, `accumulate` micro-batches
             for i, (xm, ym) in enumerate(micro):
                 # no gradient all-reduce (DDP) / reduce-scatter (FSDP) but on the last micro-batch

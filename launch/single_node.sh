@@ -27,8 +27,8 @@
 #
 # Another number of processes, the same run: give the run a global batch (data.global_batch_size) and resume its
 # run.dir with any --nproc that divides it (data.batch_size x processes x train.accumulate_grad_batches must equal it;
-# the accumulation is derived when not given): the samples, steps and learning rates are the same (README,
-# "Preemption and elastic resume").
+# the accumulation is derived when not given): the samples, steps and learning rates are the same
+# (docs/elastic.md).
 #   launch/single_node.sh --nproc 2 -- -c smoke data.global_batch_size=192 data.batch_size=96 run.dir=runs/g192
 #   launch/single_node.sh --nproc 3 -- -c smoke data.global_batch_size=192 data.batch_size=64 run.dir=runs/g192
 # Elastic (torchrun itself, not this script): one agent per node, the world shrinks when a node is lost and grows

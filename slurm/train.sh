@@ -50,7 +50,7 @@
 # the accumulation derived when not given): it resumes exactly, e.g. run.dir=runs/g512 data.global_batch_size=512
 # data.batch_size=64 on 2 nodes x 4 GPUs, then the same on 1 node x 4 GPUs (accumulation 2). Without it, another
 # process count is refused (exit 2, one line). For torchrun's own elastic restarts (--nnodes=MIN:MAX: survivors
-# re-rendezvous after a node loss) see launch/single_node.sh and README, "Preemption and elastic resume".
+# re-rendezvous after a node loss) see launch/single_node.sh and docs/elastic.md.
 # A job requeues itself at most DISTMNIST_MAX_REQUEUES times (default 10; as submitit's slurm_max_num_timeout), and
 # never after a usage error (exit 2) or a diverged run (exit 3): a run that cannot make progress does not requeue
 # forever.

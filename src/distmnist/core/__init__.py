@@ -1,1 +1,1 @@
-"""The pieces written once and called by name from the three strategies (README: Layout)."""
+"""The pieces written once and called by name from the three strategies (docs/layout.md)."""

@@ -15,7 +15,7 @@ applies (:func:`capture_applies`: ``train.cuda_graphs``, CUDA, one process, no a
 * batches of another size (the short last batch of an epoch) run eagerly, the gradients zeroed in place.
 
 Capture is not used with several processes: DDP's gradient all-reduce inside a graph needs NCCL, static graphs
-and bucket settings this package does not pin down (see README, Performance).
+and bucket settings this package does not pin down (see docs/performance.md).
 """
 
 from __future__ import annotations

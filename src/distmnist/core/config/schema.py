@@ -40,7 +40,7 @@ class DataConfig:
     batch_size: int = positive(64)
     # the optimizer's batch over all processes; when set, it holds whatever the number of processes (the accumulation
     # is derived when not given) and every optimizer step has exactly this many samples: resume on another number of
-    # processes is exact (README, Preemption and elastic resume)
+    # processes is exact (docs/elastic.md)
     global_batch_size: int | None = positive(None)
     eval_batch_size: int = positive(1000)
     loader: str = one_of("resident", LOADERS)  # resident: whole split as one tensor on the device; dataloader: classic

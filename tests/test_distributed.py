@@ -191,6 +191,38 @@ def test_evaluate_under_torchrun_counts_each_sample_once(runs, tmp_path):
     assert proc.stdout.count("val_acc") == 1  # rank 0 alone prints
 
 
+def test_evaluate_a_checkpoint_of_each_strategy_gives_its_epochs_numbers(runs, tmp_path):
+    """The end-of-epoch-1 checkpoint (raw DDP and Fabric: 'model'; the Trainer: Lightning's 'state_dict'),
+    evaluated in one process, scores exactly what that epoch's evaluation by 2 ranks recorded."""
+    from distmnist.core import checkpoint
+    from distmnist.core.config import load_config
+    from distmnist.tools.evaluate import evaluate_model
+
+    for s in STRATEGIES:
+        run_dir = runs[s][0]
+        first = metrics(run_dir)["history"][0]
+        path = checkpoint.step_path(run_dir / "checkpoints", first["global_step"])
+        result = evaluate_model(path, load_config(run_dir / "config.yaml"), tmp_path / f"{s}.json")
+        assert result["global_step"] == first["global_step"] == 32, s
+        assert result["val_acc"] == first["val_acc"], s
+        assert result["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6), s
+
+
+def test_evaluate_a_run_dir_needs_no_config_and_prints_before_it_writes(runs, tmp_path):
+    """`distmnist evaluate RUN_DIR`: the data set from the run's config.yaml; a result that cannot be written
+    (--out under a file) is printed all the same, then one line and exit 2."""
+    run_dir = runs["fabric"][0]
+    proc = ok(run_module("distmnist.tools.cli", "evaluate", str(run_dir), cwd=tmp_path))
+    assert f"of {run_dir / 'model.pt'}" in proc.stdout and "synthetic test samples" in proc.stdout
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["val_acc"] == metrics(run_dir)["val_acc"] and result["dataset"] == "synthetic"
+    bad = run_module("distmnist.tools.cli", "evaluate", str(run_dir), "--out", str(run_dir / "model.pt" / "x.json"),
+                     cwd=tmp_path)
+    assert bad.returncode == 2, bad.stderr
+    assert re.search(r"^val_acc [0-9.]+ ", bad.stdout, re.M), bad.stdout
+    assert bad.stderr.strip().count("\n") == 0 and "cannot write" in bad.stderr and "--out" in bad.stderr
+
+
 def test_fashion_mnist_one_epoch_reaches_80_percent(tmp_path):
     """The real Debian Fashion-MNIST files, found without being named, 2 ranks, 1 epoch of configs/fashion.yaml."""
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file():

@@ -7,6 +7,7 @@ One module-scoped set of runs per configuration is shared by the assertions.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -23,6 +24,7 @@ from procs import (
     max_abs_diff,
     metrics,
     ok,
+    run_module,
     same_weights,
     torchrun,
     torchrun_cmd,
@@ -134,6 +136,23 @@ def test_evaluate_reads_an_fsdp_model_pt(runs2, tmp_path):
     result = evaluate_model(runs2["trainer"] / "model.pt", load_config("smoke", []), tmp_path / "eval.json")
     assert result["val_acc"] == metrics(runs2["trainer"])["val_acc"]
     assert result["val_loss"] == pytest.approx(metrics(runs2["trainer"])["val_loss"], rel=1e-6)
+
+
+def test_evaluate_a_sharded_checkpoint_on_another_number_of_processes(runs2, tmp_path):
+    """The newest sharded checkpoint of a 2-rank FSDP run (raw PyTorch's and the Trainer's keys) joined into
+    the whole model: evaluated by 1 process and by 3, both give the run's final numbers."""
+    for s in ("ddp", "trainer"):
+        newest = checkpoint.listing(runs2[s] / "checkpoints")[0]
+        assert newest.is_dir() and checkpoint.step_of(newest) == metrics(runs2[s])["global_step"]
+        one = ok(run_module("distmnist.evaluate", str(newest), "--out", str(tmp_path / f"{s}1.json"), cwd=tmp_path))
+        three = ok(torchrun("distmnist.evaluate", str(newest), "--out", str(tmp_path / f"{s}3.json"), nproc=3,
+                            cwd=tmp_path))
+        assert "Traceback" not in one.stderr + three.stderr and "Warning" not in one.stderr
+        for n in (1, 3):
+            result = json.loads((tmp_path / f"{s}{n}.json").read_text())
+            assert result["world_size"] == n and result["val_samples"] == 500
+            assert result["val_acc"] == metrics(runs2[s])["val_acc"], (s, n)
+            assert result["val_loss"] == pytest.approx(metrics(runs2[s])["val_loss"], rel=1e-6), (s, n)
 
 
 def prepare(run_dir: Path, *overrides: str) -> Path | None:

@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -398,11 +399,9 @@ def read_sharded(path: str | Path) -> dict[str, Any]:
         raise DistMnistError(f"checkpoint {path} is damaged ({META} names shard {err} that is not stored)") from None
 
 
-def load_sharded(path: str | Path, templates: dict[str, Any]) -> dict[str, Any]:
-    """Every rank: the sharded checkpoint `path` as one dict -- meta.pt's entries, with the shards loaded (and
-    resharded to this job's processes) into the DTensors of `templates` (state dicts of the same keys)."""
+def _reader(path: Path):
+    """DCP's file reader, with the metadata read safely (:func:`_read_dcp_metadata`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class Reader(dcp.FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -411,16 +410,50 @@ def load_sharded(path: str | Path, templates: dict[str, Any]) -> dict[str, Any]:
             md.storage_meta.load_id = self.load_id
             return md
 
+    return Reader(path)
+
+
+def _planner(path: Path):
+    """DCP's load planner, refusing the pickled objects (bytes entries) it would ``torch.load`` unsafely."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
     class Planner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value) -> None:  # DCP would torch.load(weights_only=False) them
             raise DistMnistError(f"checkpoint {path} stores a non-tensor in its shards; not loaded")
+
+    return Planner()
+
+
+def load_sharded(path: str | Path, templates: dict[str, Any]) -> dict[str, Any]:
+    """Every rank: the sharded checkpoint `path` as one dict -- meta.pt's entries, with the shards loaded (and
+    resharded to this job's processes) into the DTensors of `templates` (state dicts of the same keys)."""
+    import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     skeleton = read(path / META)
     shards: dict[str, torch.Tensor] = {}
     _split(templates, "", shards)
-    dcp.load(shards, storage_reader=Reader(path), planner=Planner())
+    dcp.load(shards, storage_reader=_reader(path), planner=_planner(path))
     try:
         return _join(skeleton, shards)
     except KeyError as err:
         raise DistMnistError(f"checkpoint {path} holds shard {err} that this model does not have") from None
+
+
+def read_full(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as one dict of whole tensors, in this process alone (no process group): a single file as
+    :func:`read` gives it, a sharded folder with every shard joined into the full tensor -- what evaluating a
+    mid-run checkpoint on any number of processes needs."""
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    if not path.is_dir():
+        return read(path)
+    read_sharded(path)  # complete, and nothing but tensors in the shards
+    md = _read_dcp_metadata(path)
+    full = {key: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+            for key, item in md.state_dict_metadata.items()}
+    with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(full, storage_reader=_reader(path), planner=_planner(path), no_dist=True)
+    return _join(read(path / META), full)

@@ -67,16 +67,28 @@ def hidden_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     return [int(w.shape[0]) for w in weights[:-1]]
 
 
-def load_model(path: str | Path) -> NNModel:
-    """An NNModel from a model.pt; DistMnistError if the file is not an NNModel state_dict."""
+def weights_in(obj: Mapping) -> Mapping | None:
+    """The NNModel state_dict a checkpoint holds: raw DDP and Fabric keep it under 'model', the Lightning Trainer
+    under 'state_dict' with the LightningModule's 'model.' prefix; None if neither."""
+    if isinstance(obj.get("model"), Mapping):
+        return obj["model"]
+    if isinstance(obj.get("state_dict"), Mapping):
+        return {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
+    return None
+
+
+def load_model(path: str | Path, state: Mapping | None = None) -> NNModel:
+    """An NNModel from a model.pt (or from `state`, read from `path` already: a checkpoint's weights);
+    DistMnistError if it is not an NNModel state_dict."""
     path = Path(path)
-    if not path.is_file():
-        raise DistMnistError(f"--model {path} does not exist; give the model.pt of a run (runs/<name>/model.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors
-        first = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
-        raise DistMnistError(f"--model {path} is not a distmnist model.pt ({first})") from None
+    if state is None:
+        if not path.is_file():
+            raise DistMnistError(f"--model {path} does not exist; give a run dir, its model.pt or a checkpoint")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - pickle, zip and EOF errors
+            first = str(err).strip().splitlines()[0][:100] if str(err).strip() else type(err).__name__
+            raise DistMnistError(f"--model {path} is not a distmnist model.pt ({first})") from None
     model = NNModel(hidden_from_state_dict(state, source=f"--model {path}"))
     model.load_state_dict(state)
     return model

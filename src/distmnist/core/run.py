@@ -20,7 +20,7 @@ from distmnist.core import checkpoint, config, dist
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
 from distmnist.core.errors import DistMnistError, alike_on_every_rank
-from distmnist.core.model import hidden_from_state_dict
+from distmnist.core.model import hidden_from_state_dict, weights_in
 from distmnist.core.state import TrainState
 
 
@@ -179,10 +179,7 @@ class RunDir:
     def check_model_state(self, obj: dict[str, Any], path: Path) -> None:
         """The weights in the checkpoint must be an NNModel of this config's shape (raw DDP/Fabric keep them under
         'model', Lightning under 'state_dict' with a 'model.' prefix)."""
-        state = obj.get("model")
-        if state is None and isinstance(obj.get("state_dict"), dict):
-            state = {k[len("model."):]: v for k, v in obj["state_dict"].items() if k.startswith("model.")}
-        hidden = hidden_from_state_dict(state, source=f"checkpoint {path}")
+        hidden = hidden_from_state_dict(weights_in(obj), source=f"checkpoint {path}")
         if hidden != list(self.cfg.model.hidden):
             raise DistMnistError(
                 f"checkpoint {path} holds a model with hidden sizes {hidden}, this config has {self.cfg.model.hidden}; "

@@ -2,7 +2,7 @@
 entry points.
 
     distmnist train --strategy ddp -c configs/fashion.yaml optim.lr=0.1
-    distmnist evaluate --model runs/ddp-fashion/model.pt [-c CONFIG] [key=value ...]
+    distmnist evaluate runs/ddp-fashion [-c CONFIG] [key=value ...]   # a run dir, model.pt or checkpoint
     distmnist data prepare --name fashion-mnist --from /usr/share/datasets/fashion-mnist [--root data]
     distmnist bench [--help]                      # the strategies against the tutorial loops, one table
     distmnist compare RUN_DIR... [--out cmp.png]  # runs side by side
@@ -35,7 +35,7 @@ def train_with(strategy: str, cfg) -> dict:
 
 # commands whose module has its own main(argv) and --help
 DELEGATED = {
-    "evaluate": ("distmnist.tools.evaluate", "exact test-set accuracy and loss of a model.pt, any number of processes"),
+    "evaluate": ("distmnist.tools.evaluate", "exact test-set accuracy of a run, model.pt or checkpoint"),
     "bench": ("distmnist.tools.bench", "speed of the strategies against the tutorial loops, one table"),
     "compare": ("distmnist.tools.compare",
                 "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),

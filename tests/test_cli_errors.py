@@ -181,7 +181,7 @@ CASES: dict[str, Case] = {
     ),
     "evaluate-foreign-dict": Case(
         [*EVALUATE, "--model", "{dir}/model.pt", "-c", "smoke"],
-        ("model.pt", "NNModel"),
+        ("model.pt", "state_dict of distmnist's MLP"),
         training=False,
         setup=_foreign_dict,
     ),

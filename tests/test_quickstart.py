@@ -70,7 +70,7 @@ def test_quick_start_top_to_bottom_every_line_exits_0_in_a_run_dir_of_its_own(tm
     # the same line again finds its own run: nothing to train, the same dir, exit 0
     again = subprocess.run(commands[-1], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"{seen[-1].relative_to(tmp_path)} already holds 1 epochs" in again.stdout + again.stderr
+    assert f"{seen[-1].relative_to(tmp_path)} already holds 1 epoch" in again.stdout + again.stderr
     assert sorted(p.parent for p in (tmp_path / "runs").glob("*/metrics.json")) == sorted(seen)
 
 
@@ -87,7 +87,7 @@ def test_hints_of_a_finished_run_lead_to_commands_that_work(tmp_path):
     distmnist("train", "--strategy", "fabric", "-c", "smoke", *SMALL)
     (run_dir,) = (tmp_path / "runs").iterdir()  # runs/fabric-smoke-<digest of the SMALL changes>
     again = distmnist("train", "--strategy", "fabric", "-c", "smoke", *SMALL)
-    hint = re.search(r"already holds 1 epochs; (train\.epochs=\d+) or more continues it", again.stdout + again.stderr)
+    hint = re.search(r"already holds 1 epoch; (train\.epochs=\d+) or more continues it", again.stdout + again.stderr)
     assert hint, again.stdout + again.stderr
     more = distmnist("train", "--strategy", "fabric", "-c", "smoke", *SMALL, hint.group(1))
     assert "resuming from" in more.stdout + more.stderr

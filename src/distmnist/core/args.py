@@ -36,7 +36,7 @@ def config_of(args) -> list[str]:
 
 
 def strategy_parser(prog: str) -> Parser:
-    p = Parser(prog=prog, description="Train NNModel; config = YAML file + section.key=value overrides.")
+    p = Parser(prog=prog, description="Train the MNIST MLP; config = YAML file + section.key=value overrides.")
     add_config_args(p)
     return p
 

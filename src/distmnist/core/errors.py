@@ -167,6 +167,11 @@ def record_for_torchrun(line: str, code: int) -> None:
         pass
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 epoch', '2 epochs', '3 processes': a number and its noun, for what a user reads."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
+
+
 def say(message: str, code: int, printer: str = "every", prefix: str = "distmnist: error: ",
         wait: bool = True) -> int:
     """Print ``prefix + message`` as one line on stderr and return `code`; under torchrun `message` also goes into

@@ -47,7 +47,7 @@ def build_model(hidden: Sequence[int], seed: int) -> NNModel:
 def hidden_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "state_dict") -> list[int]:
     """Hidden sizes of the NNModel that `state` belongs to; DistMnistError when it is not one."""
     if not isinstance(state, Mapping) or not state:
-        raise DistMnistError(f"{source} is not an NNModel state_dict (expected a mapping of tensors)")
+        raise DistMnistError(f"{source} is not the state_dict of distmnist's MLP (expected a mapping of tensors)")
     weights = []
     i = 0
     while f"linear_relu_stack.{i}.weight" in state:
@@ -56,14 +56,14 @@ def hidden_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     expected = {f"linear_relu_stack.{j}.{p}" for j in range(0, i, 2) for p in ("weight", "bias")}
     if not weights or set(state) != expected or not all(isinstance(w, torch.Tensor) for w in state.values()):
         raise DistMnistError(
-            f"{source} is not an NNModel state_dict (keys {sorted(state)[:4]}...); give the model.pt of a "
+            f"{source} is not the state_dict of distmnist's MLP (keys {sorted(state)[:4]}...); give the model.pt of a "
             f"distmnist run"
         )
     shapes_ok = weights[0].dim() == 2 and weights[0].shape[1] == IMAGE_SIZE and weights[-1].shape[0] == NUM_CLASSES
     for a, b in zip(weights, weights[1:], strict=False):
         shapes_ok = shapes_ok and b.dim() == 2 and b.shape[1] == a.shape[0]
     if not shapes_ok:
-        raise DistMnistError(f"{source} has NNModel keys but the layer shapes do not chain 784 -> ... -> 10")
+        raise DistMnistError(f"{source} has the MLP's keys but the layer shapes do not chain 784 -> ... -> 10")
     return [int(w.shape[0]) for w in weights[:-1]]
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from distmnist.core import checkpoint, config, parallel, tblog
 from distmnist.core.data import CLASS_NAMES
+from distmnist.core.errors import count
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 
@@ -81,7 +82,7 @@ class Records:
             else:  # the schedule spans train.epochs: a longer run is another run (its own default run dir)
                 more = (f"its {self.cfg.optim.schedule} schedule ends at epoch {state.epoch}, so a longer run is a new "
                         f"run: train.epochs={state.epoch + 1} or more starts one in a run dir of its own")
-            self.say(f"{self.run.path} already holds {state.epoch} epochs; {more}", always=True)
+            self.say(f"{self.run.path} already holds {count(state.epoch, 'epoch')}; {more}", always=True)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
@@ -210,7 +211,7 @@ class Records:
             checkpoint.atomic_torch_save(weights, self.run.model_pt)
             checkpoint.atomic_write(self.run.metrics_json, (json.dumps(summary, indent=2) + "\n").encode())
             self.say(
-                f"done: val_acc {summary['val_acc']:.4f} after {summary['epochs']} epochs; "
+                f"done: val_acc {summary['val_acc']:.4f} after {count(summary['epochs'], 'epoch')}; "
                 f"wrote {self.run.model_pt} and {self.run.metrics_json}",
                 always=True,
             )

@@ -248,11 +248,12 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def format_table(runs: list[Run]) -> str:
-    head = ["run", "strategy", "world", "precision", "device", "epochs", "val_acc", "val_loss", "s/epoch",
+    head = ["run", "strategy", "world", "data", "precision", "device", "epochs", "val_acc", "val_loss", "s/epoch",
             "samples/s", "wall_s"]
     rows = [[
         r.run + (" (running)" if r.status == "running" else ""), r.strategy or "?",
-        "?" if r.world_size is None else str(r.world_size), r.precision or "?", r.device or "?", str(r.epochs),
+        "?" if r.world_size is None else str(r.world_size), r.dataset or "?", r.precision or "?", r.device or "?",
+        str(r.epochs),
         _num(r.val_acc, ".4f"), _num(r.val_loss, ".4f"), _num(r.s_per_epoch, ".3f"),
         _num(r.samples_per_sec, ",.0f"), _num(r.wall_s, ".1f"),
     ] for r in runs]

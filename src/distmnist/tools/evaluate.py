@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distmnist.core import checkpoint, data, dist
 from distmnist.core.config import Config
-from distmnist.core.errors import DistMnistError, report_errors
+from distmnist.core.errors import DistMnistError, count, report_errors
 from distmnist.core.metrics import EvalMetrics, all_evaluate
 from distmnist.core.model import NNModel, load_model, weights_in
 from distmnist.core.precision import autocast_factory
@@ -85,10 +85,9 @@ def evaluate_model(model_path: str | Path, cfg: Config, out: str | Path | None =
                   **result}
         if env.is_zero:
             what = f"{path} (step {step})" if step is not None else str(path)
-            procs = "1 process" if env.world_size == 1 else f"{env.world_size} processes"
             print(
                 f"val_acc {result['val_acc']:.4f} val_loss {result['val_loss']:.4f} on {result['val_samples']} "
-                f"{cfg.data.name} test samples ({procs}) of {what}",
+                f"{cfg.data.name} test samples ({count(env.world_size, 'process', 'processes')}) of {what}",
                 flush=True,
             )
             out = Path(out) if out else run_dir / ("eval.json" if step is None else f"eval-step={step}.json")

@@ -45,6 +45,21 @@ def test_real_fashion_is_accepted_as_fashion(tmp_path):
     assert "warning" not in proc.stderr, proc.stderr
 
 
+def test_fashion_put_by_hand_where_mnist_goes_is_refused_at_training_start(tmp_path):
+    """Files copied into data/MNIST/raw without `data prepare` (or by an older version): the first load checks
+    them too, one line from rank 0 of 2, exit 2, before any training (launched by distmnist.tools.torchrun, which
+    passes the workers' code and line on)."""
+    fashion_copy(tmp_path / "data" / "MNIST" / "raw", gz=False)
+    proc = run_module("distmnist.tools.torchrun", "--standalone", "--nproc_per_node=2", "-m", "distmnist.ddp", "-c",
+                    "smoke", "data.name=mnist", f"data.root={tmp_path / 'data'}",
+                    "data.download=false", f"run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    ours = [ln for ln in proc.stderr.splitlines() if ln.startswith("distmnist: error:")]
+    assert len(ours) == 1 and "are Fashion-MNIST, not MNIST" in ours[0], proc.stderr
+    assert "data.name=fashion-mnist" in ours[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_offline_download_names_its_cause_and_the_fixes(tmp_path):
     proc = run_module("distmnist.ddp", "data.name=mnist", f"data.root={tmp_path / 'data'}", "train.epochs=1",
                       cwd=tmp_path, timeout=120)

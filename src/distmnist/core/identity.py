@@ -9,6 +9,7 @@ from Debian's dataset-fashion-mnist). Record counts and shapes are checked befor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from distmnist.core.errors import DistMnistError
@@ -28,7 +29,7 @@ PIXEL_SUMS = {"mnist": {True: 1567298545, False: 264923200},
 def recognise(images: torch.Tensor, labels: torch.Tensor) -> tuple[str | None, str]:
     """(data set or None, what shows it) for one split of checked shape."""
     counts = tuple(torch.bincount(labels.to(torch.int64), minlength=10).tolist())
-    pixels = int(images.sum(dtype=torch.int64))
+    pixels = int(images.numpy().sum(dtype=np.int64))  # numpy's: 15x faster than torch's for uint8 -> int64
     for name in TITLE:
         for train in (True, False):
             if counts == LABEL_COUNTS[name][train] and pixels == PIXEL_SUMS[name][train]:

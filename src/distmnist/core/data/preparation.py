@@ -241,10 +241,11 @@ def _fetch(cfg: DataConfig) -> None:
     """Put the files under data.root (system folder, else torchvision download) unless they are there, under the
     data set's lock and within data.prepare_timeout_s; DistMnistError saying what went wrong."""
     if _have_files(cfg):
+        _checked_sources(cfg.name, raw_folder(cfg))  # put there by hand, say: the data set named, not the other
         return
     deadline = time.monotonic() + cfg.prepare_timeout_s
     with PrepareLock(cfg.name, cfg.root, cfg.prepare_timeout_s) as lock:
-        if _have_files(cfg):  # prepared by the process we waited for
+        if _have_files(cfg):  # prepared (and checked) by the process we waited for
             return
         if lock.held:
             _remove_leftovers(cfg.name, cfg.root)

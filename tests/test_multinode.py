@@ -545,3 +545,54 @@ def test_the_interface_choice_and_its_refusals(two_node_cluster, tmp_path):
         proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 60, elapsed  # the import of torch; the start-up timeout is 300 s
+
+
+# ------------------------------------------------------------------------------------------ distmnist doctor
+LISTEN = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_doctor_on_node2_names_the_loopback_hostname_and_the_interface(two_node_cluster, tmp_path):
+    """`distmnist doctor --endpoint node1:PORT` on node2 (a port node1 listens on): with node2's hostname on
+    127.0.1.1 it lists that one problem, exit 1, and names the interface a job would take; with the cluster's own
+    /etc/hosts (node2 on its address) the same report finds nothing, exit 0."""
+    listener = subprocess.Popen(two_node_cluster.on("node1", sys.executable, "-c", LISTEN, "120"), env=child_env(),
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listener.stdout.readline())
+        hosts = debian_hosts(two_node_cluster, tmp_path)
+        cmd = (sys.executable, "-m", "distmnist", "doctor", "--endpoint", f"node1:{port}")
+        runs = {}
+        for case, launch in (("127.0.1.1", ("bash", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts, *cmd)),
+                             ("own address", cmd)):
+            started = time.monotonic()
+            proc = subprocess.run(two_node_cluster.on("node2", *launch), env=child_env(), capture_output=True,
+                                  text=True, timeout=60)
+            runs[case] = proc
+            print(f"--- node2, hostname on {case}: exit {proc.returncode} in {time.monotonic() - started:.1f} s\n"
+                  f"{proc.stdout}{proc.stderr}")
+    finally:
+        listener.kill()
+        listener.wait()
+    mine, node2, node1 = f"{NS}b", node_address(two_node_cluster, "node2"), node_address(two_node_cluster, "node1")
+    looped, fine = runs["127.0.1.1"], runs["own address"]
+    assert looped.returncode == 1, looped.stdout + looped.stderr
+    out = looped.stdout
+    assert "hostname      node2 -> 127.0.1.1 (loopback only)" in out, out
+    assert (f"endpoint      node1:{port} -> {node1} via {mine} ({node2}); a job spanning nodes sets "
+            f"GLOO_SOCKET_IFNAME={mine}, NCCL_SOCKET_IFNAME={mine}") in out, out
+    assert f"port          {port} on {node1}: answers" in out, out
+    assert "problems (1):" in out, out
+    problem = out.split("problems (1):\n  - ", 1)[1]
+    assert problem.startswith("this node's hostname node2 resolves to the loopback address 127.0.1.1"), problem
+    assert f"distmnist sets GLOO_SOCKET_IFNAME={mine} itself" in problem, problem
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+    assert f"hostname      node2 -> {node2}\n" in fine.stdout, fine.stdout
+    assert fine.stdout.rstrip().endswith("problems: none found"), fine.stdout

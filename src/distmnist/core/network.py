@@ -125,6 +125,19 @@ def hostname_addresses() -> tuple[str, list[str]]:
     return host, resolve(host)
 
 
+def loopback_hostname(route: Route) -> str | None:
+    """What goes wrong when this node's hostname resolves only to loopback (/etc/hosts' 127.0.1.1) and route.host is
+    another machine: gloo without GLOO_SOCKET_IFNAME listens there and the other nodes are refused; None when the
+    hostname has an address that is not loopback (or does not resolve: gloo then falls back on its own)."""
+    host, held = hostname_addresses()
+    looped = [a for a in held if is_loopback(a)]
+    if route.local or not looped or len(looped) < len(held):
+        return None
+    return (f"this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) while "
+            f"MASTER_ADDR={route.host} is another machine: gloo would listen there and the other nodes could not "
+            f"connect; map {host} to the address of {route.interface or route.source} ({route.source})")
+
+
 @dataclass(frozen=True)
 class Choice:
     route: Route
@@ -178,14 +191,8 @@ def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice
         for var in chosen:
             environ[var] = route.interface
     if not route.local and backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
-        host, held = hostname_addresses()
-        looped = [a for a in held if is_loopback(a)]
-        if looped and len(looped) == len(held):
-            raise NetworkUnusable(
-                f"network: this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) "
-                f"while MASTER_ADDR={master} is another machine: gloo would listen there and the other nodes could "
-                f"not connect; map {host} to the address of {route.interface or route.source} ({route.source}), or "
-                f"unset {NO_PICK_VAR}, or {_FIX}"
-            )
+        looped = loopback_hostname(route)
+        if looped:
+            raise NetworkUnusable(f"network: {looped}; unset {NO_PICK_VAR}, or {_FIX}")
     settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
     return Choice(route, chosen, settings) if settings else None

@@ -219,12 +219,17 @@ def report(endpoint_text: str | None, wait_s: float) -> Report:
     return r
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> Parser:
     p = Parser(prog="distmnist doctor", description=__doc__.split("\n\n")[0])
     p.add_argument("--endpoint", metavar="HOST:PORT",
                    help="the rendezvous (torchrun --rdzv-endpoint, MASTER_ADDR:MASTER_PORT); default: those variables")
     p.add_argument("--wait", type=float, default=2.0, metavar="S",
                    help="how long to wait for the endpoint's port to answer (default: 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.endpoint is not None:
         try:

@@ -126,16 +126,18 @@ def hostname_addresses() -> tuple[str, list[str]]:
 
 
 def loopback_hostname(route: Route) -> str | None:
-    """What goes wrong when this node's hostname resolves only to loopback (/etc/hosts' 127.0.1.1) and route.host is
-    another machine: gloo without GLOO_SOCKET_IFNAME listens there and the other nodes are refused; None when the
-    hostname has an address that is not loopback (or does not resolve: gloo then falls back on its own)."""
+    """What goes wrong when this node's hostname resolves only to loopback (/etc/hosts' 127.0.1.1), or not at all
+    (gloo then takes the loopback address: ProcessGroupGloo::createDefaultDevice), and route.host is another machine:
+    gloo without GLOO_SOCKET_IFNAME listens there and the other nodes are refused; None when the hostname has an
+    address that is not loopback, or route.host is this machine."""
     host, held = hostname_addresses()
-    looped = [a for a in held if is_loopback(a)]
-    if route.local or not looped or len(looped) < len(held):
+    if route.local or any(not is_loopback(a) for a in held):
         return None
-    return (f"this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) while "
-            f"MASTER_ADDR={route.host} is another machine: gloo would listen there and the other nodes could not "
-            f"connect; map {host} to the address of {route.interface or route.source} ({route.source})")
+    said = f"resolves to the loopback address {held[0]} (/etc/hosts)" if held else \
+        "does not resolve (gloo then takes the loopback address)"
+    mine = route.interface or route.source
+    return (f"this node's hostname {host} {said} while MASTER_ADDR={route.host} is another machine: gloo would listen "
+            f"there and the other nodes could not connect; map {host} to the address of {mine} ({route.source})")
 
 
 @dataclass(frozen=True)

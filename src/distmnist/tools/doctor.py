@@ -95,15 +95,13 @@ def devices(r: Report) -> str:
         r.add("backends", "torch.distributed is not available in this torch build")
         r.problem("torch.distributed is not available in this torch build: no multi-process training")
         return "gloo"
-    nccl = dist.is_nccl_available()
-    if nccl and torch.cuda.is_available():
+    nccl = "yes" if dist.is_nccl_available() else "no"
+    if nccl == "yes" and torch.cuda.is_available():
         try:
             nccl = "NCCL " + ".".join(map(str, torch.cuda.nccl.version()))
         except (RuntimeError, AttributeError, TypeError):
-            nccl = "yes"
-    said = {"gloo": "yes" if dist.is_gloo_available() else "no", "nccl": nccl if isinstance(nccl, str) else
-            "yes" if nccl else "no"}
-    r.add("backends", ", ".join(f"{k}: {v}" for k, v in said.items()))
+            pass
+    r.add("backends", f"gloo: {'yes' if dist.is_gloo_available() else 'no'}, nccl: {nccl}")
     if not dist.is_gloo_available():
         r.problem("gloo is not available in this torch build: CPU training needs it")
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -116,10 +114,11 @@ def host(r: Report) -> None:
     else:
         loop = " (loopback only)" if all(network.is_loopback(a) for a in held) else ""
         r.add("hostname", f"{name} -> {', '.join(held)}{loop}")
-    r.add("interfaces", "; ".join(f"{n} {' '.join(a)}" for n, a in network.addresses().items() if a) or "none")
+    held_by = network.addresses()
+    r.add("interfaces", "; ".join(f"{n} {' '.join(a)}" for n, a in held_by.items() if a) or "none")
+    known = set(held_by)
     for var in network.IFNAME_VARS:
         value = os.environ.get(var, "")
-        known = set(network.addresses())
         # gloo: a comma-separated list of names; NCCL: prefixes, `=name` for an exact one, `^` to exclude
         if not value or value.startswith("^"):
             continue

@@ -133,6 +133,12 @@ def check_command(line: str) -> None:
             from distmnist.tools import compare
 
             compare.parse_args(rest)
+        elif sub == "doctor":
+            from distmnist.tools import doctor
+
+            args = doctor.parser().parse_args(rest)
+            if args.endpoint is not None:
+                doctor.parse_endpoint(args.endpoint)
         elif sub == "data":
             from distmnist.tools.cli import build_parser
 
@@ -158,7 +164,7 @@ def test_every_command_line_the_docs_show_parses(page):
     for line in commands(page):
         try:
             check_command(line)
-        except (DistMnistError, SystemExit, AssertionError) as err:
+        except (DistMnistError, SystemExit, AssertionError, ValueError) as err:
             bad.append(f"{line}  ->  {err}")
     assert not bad, f"{page.name}:\n" + "\n".join(bad)
 

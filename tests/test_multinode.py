@@ -545,3 +545,102 @@ def test_the_interface_choice_and_its_refusals(two_node_cluster, tmp_path):
         proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert elapsed < 60, elapsed  # the import of torch; the start-up timeout is 300 s
+
+
+# ------------------------------------------------------------------------------------------ distmnist doctor
+LISTEN = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("0.0.0.0", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_doctor_on_node2_names_the_loopback_hostname_and_the_interface(two_node_cluster, tmp_path):
+    """`distmnist doctor --endpoint node1:PORT` on node2 (a port node1 listens on): with node2's hostname on
+    127.0.1.1 it lists that one problem, exit 1, and names the interface a job would take; with the cluster's own
+    /etc/hosts (node2 on its address) the same report finds nothing, exit 0."""
+    listener = subprocess.Popen(two_node_cluster.on("node1", sys.executable, "-c", LISTEN, "120"), env=child_env(),
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(listener.stdout.readline())
+        hosts = debian_hosts(two_node_cluster, tmp_path)
+        cmd = (sys.executable, "-m", "distmnist", "doctor", "--endpoint", f"node1:{port}")
+        runs = {}
+        for case, launch in (("127.0.1.1", ("bash", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts, *cmd)),
+                             ("own address", cmd)):
+            started = time.monotonic()
+            proc = subprocess.run(two_node_cluster.on("node2", *launch), env=child_env(), capture_output=True,
+                                  text=True, timeout=60)
+            runs[case] = proc
+            print(f"--- node2, hostname on {case}: exit {proc.returncode} in {time.monotonic() - started:.1f} s\n"
+                  f"{proc.stdout}{proc.stderr}")
+    finally:
+        listener.kill()
+        listener.wait()
+    mine, node2, node1 = f"{NS}b", node_address(two_node_cluster, "node2"), node_address(two_node_cluster, "node1")
+    looped, fine = runs["127.0.1.1"], runs["own address"]
+    assert looped.returncode == 1, looped.stdout + looped.stderr
+    out = looped.stdout
+    assert "hostname      node2 -> 127.0.1.1 (loopback only)" in out, out
+    assert (f"endpoint      node1:{port} -> {node1} via {mine} ({node2}); a job spanning nodes sets "
+            f"GLOO_SOCKET_IFNAME={mine}, NCCL_SOCKET_IFNAME={mine}") in out, out
+    assert f"port          {port} on {node1}: answers" in out, out
+    assert "problems (1):" in out, out
+    problem = out.split("problems (1):\n  - ", 1)[1]
+    assert problem.startswith("this node's hostname node2 resolves to the loopback address 127.0.1.1"), problem
+    assert f"distmnist sets GLOO_SOCKET_IFNAME={mine} itself" in problem, problem
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+    assert f"hostname      node2 -> {node2}\n" in fine.stdout, fine.stdout
+    assert fine.stdout.rstrip().endswith("problems: none found"), fine.stdout
+
+
+# ------------------------------------------------------------------------------- a peer's failure, named at rank 0
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not all((FASHION / f"{n}.gz").is_file() for n in dm_data.RAW_FILES),
+                    reason=f"needs the Fashion-MNIST files in {FASHION}")
+def test_a_known_error_on_node2_alone_is_named_on_node1(two_node_cluster, tmp_path):
+    """data.root on each node's own disk, node2's copy with train-images cut in half: node2's ranks stop with the line
+    that names the file (exit 2) and leave it in the job's store (core/peers.py); node1's ranks, whose collective
+    fails when node2's close their connections, say "rank R on node2 stopped: <that line>" instead of "lost its
+    peers" (exit 1)."""
+    import gzip
+
+    name = f"peer-{tmp_path.name}"
+    for node in ("node1", "node2"):
+        raw = two_node_cluster.local_of(node) / name / "data" / "FashionMNIST" / "raw"
+        raw.mkdir(parents=True)
+        for f in dm_data.RAW_FILES:
+            content = gzip.decompress((FASHION / f"{f}.gz").read_bytes())
+            if node == "node2" and f == "train-images-idx3-ubyte":
+                content = content[: len(content) // 2]
+            (raw / f).write_bytes(content)
+    args = ("-c", "smoke", "data.name=fashion-mnist", f"data.root={two_node_cluster.local / name}/data",
+            "data.download=false", "data.train_samples=2560", f"run.dir={tmp_path / 'run'}", "dist.timeout_s=60")
+    started = time.monotonic()
+    try:
+        pair = [multi_node(two_node_cluster, node, "ddp", 29430, *args) for node in ("node1", "node2")]
+        (rc1, out1, err1), (rc2, out2, err2) = [(p.wait(timeout=240), *p.communicate()) for p in pair]
+    finally:
+        for node in ("node1", "node2"):
+            shutil.rmtree(two_node_cluster.local_of(node) / name, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    said2 = [line for line in err2.splitlines() if line.startswith("distmnist: error: ")]
+    said1 = [line for line in err1.splitlines() if line.startswith("distmnist: error: ")]
+    print(f"node2's data damaged: node1 exit {rc1}, node2 exit {rc2}, after {elapsed:.1f} s\nnode2: {said2}\n"
+          f"node1: {said1}")
+    assert rc2 != 0 and said2, f"node2: exit {rc2}\n{err2[-5000:]}"
+    line = said2[0].removeprefix("distmnist: error: ")
+    assert "train-images-idx3-ubyte" in line, said2
+    assert rc1 != 0, f"node1: exit {rc1}\n{err1[-5000:]}"
+    assert "lost its peers" not in err1, err1[-5000:]
+    named = re.compile(r"distmnist: error: rank ([23]) on node2 stopped: (.*?)( \(rank [23] too\))?$")
+    matches = [named.match(s) for s in said1]
+    assert said1 and all(matches), said1
+    assert all(m.group(2) == line for m in matches), (said1, line)

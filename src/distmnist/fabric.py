@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 
-from distmnist.core import data, dist, parallel
+from distmnist.core import data, dist, parallel, peers
 from distmnist.core.args import strategy_main
 from distmnist.core.config import Config
 from distmnist.core.errors import exit_process
@@ -148,6 +148,8 @@ def train(cfg: Config) -> dict:
         summary = records.all_finish(model, state)
         fabric.barrier()
         return summary
+    except BaseException as err:  # a known error told to the other ranks, a lost collective named by their word
+        peers.raise_told(err)
     finally:
         dist.destroy_process_group()
 

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distmnist.core import network
+from distmnist.core import network, peers
 from distmnist.core.errors import DistMnistError, StartupIncomplete
 
 # for callers without a config; dist.startup_timeout_s's default (core/config/schema.py says why)
@@ -125,6 +125,7 @@ def init_process_group(env: DistEnv, timeout_s: float, startup_timeout_s: float 
         print(choice.line(), file=sys.stderr, flush=True)
     store = agreed_store(env, startup_timeout_s)
     store.set_timeout(timedelta(seconds=timeout_s))
+    peers.attach(store, env.rank)  # where a rank that stops leaves its line for the others (core/peers.py)
     kwargs = {}
     if env.device.type == "cuda":
         kwargs["device_id"] = env.device
@@ -342,6 +343,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def destroy_process_group() -> None:
+    peers.detach()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -351,6 +353,8 @@ def process_group(env: DistEnv, timeout_s: float, startup_timeout_s: float = STA
     init_process_group(env, timeout_s, startup_timeout_s)
     try:
         yield env
+    except BaseException as err:  # told to the peers before the connections close (core/peers.py)
+        peers.raise_told(err)
     finally:
         destroy_process_group()
 

@@ -98,6 +98,23 @@ class NetworkUnusable(StartupIncomplete):
     for every process of the node, so its local rank 0 alone prints it (exit 69 on each)."""
 
 
+class PeerStopped(Exception):
+    """A collective failed because another rank stopped on a known error, whose one line that rank left in the job's
+    store (core/peers.py): the message names its rank, host and line (exit 1, as for lost peers)."""
+
+
+def known_line(err: BaseException) -> str | None:
+    """The one line a rank prints for a known error that it may meet alone (a DistMnistError that is not agreed by
+    every rank, a divergence); None for the rest (bugs, signals, errors every rank says alike)."""
+    if isinstance(err, AgreedError):
+        return None
+    if isinstance(err, DistMnistError):
+        return " ".join(str(err).split())
+    if isinstance(err, Diverged):
+        return str(err)
+    return None
+
+
 class Stopped(Exception):
     """Training stopped on SIGTERM/SIGUSR1/SIGINT (`signum`) after every rank wrote its part of a checkpoint."""
 
@@ -222,7 +239,8 @@ def stop_starting() -> None:
 def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap an entry point: a DistMnistError becomes one line on stderr and exit code 2, a Stopped exit 75 (130
     after Ctrl-C), a Diverged exit 3; a collective that lost its peers exit 1; a start-up that not every process
-    reached exit 69; a Ctrl-C outside the training loop (KeyboardInterrupt) one line and exit 130."""
+    reached exit 69; a peer's known failure (PeerStopped) its line and exit 1; a Ctrl-C outside the training loop
+    (KeyboardInterrupt) one line and exit 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
@@ -235,6 +253,8 @@ def report_errors(main: Callable[..., int | None]) -> Callable[..., int]:
         except DistMnistError as err:
             printer = "zero" if isinstance(err, AgreedError) else "local" if isinstance(err, UsageError) else "every"
             return say(" ".join(str(err).split()), USAGE_EXIT, printer)
+        except PeerStopped as err:  # every rank whose collective failed says who stopped and why (core/peers.py)
+            return say(str(err), RANK_LOST_EXIT)
         except RuntimeError as err:  # torch.distributed's errors (DistError and its kin) are RuntimeErrors
             line = collective_failure(err)
             if line is None:

@@ -125,6 +125,21 @@ def hostname_addresses() -> tuple[str, list[str]]:
     return host, resolve(host)
 
 
+def loopback_hostname(route: Route) -> str | None:
+    """What goes wrong when this node's hostname resolves only to loopback (/etc/hosts' 127.0.1.1), or not at all
+    (gloo then takes the loopback address: ProcessGroupGloo::createDefaultDevice), and route.host is another machine:
+    gloo without GLOO_SOCKET_IFNAME listens there and the other nodes are refused; None when the hostname has an
+    address that is not loopback, or route.host is this machine."""
+    host, held = hostname_addresses()
+    if route.local or any(not is_loopback(a) for a in held):
+        return None
+    said = f"resolves to the loopback address {held[0]} (/etc/hosts)" if held else \
+        "does not resolve (gloo then takes the loopback address)"
+    mine = route.interface or route.source
+    return (f"this node's hostname {host} {said} while MASTER_ADDR={route.host} is another machine: gloo would listen "
+            f"there and the other nodes could not connect; map {host} to the address of {mine} ({route.source})")
+
+
 @dataclass(frozen=True)
 class Choice:
     route: Route
@@ -178,14 +193,8 @@ def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice
         for var in chosen:
             environ[var] = route.interface
     if not route.local and backend == "gloo" and not environ.get("GLOO_SOCKET_IFNAME"):
-        host, held = hostname_addresses()
-        looped = [a for a in held if is_loopback(a)]
-        if looped and len(looped) == len(held):
-            raise NetworkUnusable(
-                f"network: this node's hostname {host} resolves to the loopback address {looped[0]} (/etc/hosts) "
-                f"while MASTER_ADDR={master} is another machine: gloo would listen there and the other nodes could "
-                f"not connect; map {host} to the address of {route.interface or route.source} ({route.source}), or "
-                f"unset {NO_PICK_VAR}, or {_FIX}"
-            )
+        looped = loopback_hostname(route)
+        if looped:
+            raise NetworkUnusable(f"network: {looped}; unset {NO_PICK_VAR}, or {_FIX}")
     settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
     return Choice(route, chosen, settings) if settings else None

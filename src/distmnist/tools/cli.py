@@ -1,4 +1,4 @@
-"""Command line: `distmnist train|evaluate|bench|compare|predict|data ...`, and the parser of the strategy
+"""Command line: `distmnist train|evaluate|bench|compare|predict|doctor|data ...`, and the parser of the strategy
 entry points.
 
     distmnist train --strategy ddp -c configs/fashion.yaml optim.lr=0.1
@@ -7,6 +7,7 @@ entry points.
     distmnist bench [--help]                      # the strategies against the tutorial loops, one table
     distmnist compare RUN_DIR... [--out cmp.png]  # runs side by side
     distmnist predict --model RUN_DIR/model.pt IMAGE...
+    distmnist doctor [--endpoint HOST:PORT]      # versions, devices, network: a bug report; exit 1 on a problem
 
 `python -m distmnist.ddp|trainer|fabric [-c CONFIG] [key=value ...]` take the same config arguments.
 """
@@ -40,6 +41,8 @@ DELEGATED = {
     "compare": ("distmnist.tools.compare",
                 "runs side by side: table + PNG plot (`tensorboard --logdir runs` shows all)"),
     "predict": ("distmnist.tools.predict", "classify image files with a model.pt"),
+    "doctor": ("distmnist.tools.doctor",
+               "versions, devices, hostname, the interface towards --endpoint: a report; exit 1 on a problem"),
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import STRATEGIES, child_env, metrics, ok, run_module, same_weights, torchrun, weights
+from procs import STRATEGIES, child_env, free_port, metrics, ok, run_module, same_weights, torchrun, weights
 
 from distmnist.core import tblog
 
@@ -221,6 +221,22 @@ def test_evaluate_a_run_dir_needs_no_config_and_prints_before_it_writes(runs, tm
     assert bad.returncode == 2, bad.stderr
     assert re.search(r"^val_acc [0-9.]+ ", bad.stdout, re.M), bad.stdout
     assert bad.stderr.strip().count("\n") == 0 and "cannot write" in bad.stderr and "--out" in bad.stderr
+
+
+def test_env_contract_without_torchrun_trains_the_same_weights(runs, tmp_path):
+    """The plain env:// contract of Kubeflow's PyTorchJob and MPI wrappers (docs/clusters.md): one process per pod,
+    RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and no LOCAL_RANK; every strategy trains the weights that torchrun's
+    2 ranks train, bit for bit."""
+    for s in STRATEGIES:
+        run_dir, port = tmp_path / s, str(free_port())
+        procs = [subprocess.Popen([sys.executable, "-m", f"distmnist.{s}", *SMOKE, f"run.dir={run_dir}", "-q"],
+                                  cwd=tmp_path, env=child_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                                              MASTER_PORT=port),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+        outs = [p.communicate(timeout=240) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], (s, [err[-2000:] for _, err in outs])
+        assert metrics(run_dir)["world_size"] == 2
+        assert same_weights(weights(run_dir), weights(runs[s][0])), s
 
 
 def test_fashion_mnist_one_epoch_reaches_80_percent(tmp_path):

@@ -35,7 +35,7 @@ class DistEnv:
     local_rank: int = 0
     local_world_size: int = 1
     node_rank: int = 0
-    launcher: str = "single"  # single | torchrun | slurm
+    launcher: str = "single"  # single | torchrun | slurm | env (RANK and WORLD_SIZE alone: one process per node)
     device: torch.device = torch.device("cpu")
 
     @property
@@ -63,7 +63,12 @@ def _int(name: str, default: int | None = None) -> int | None:
 
 def read_env(accelerator: str = "auto") -> DistEnv:
     """The process's place in the job and its device; no process group is created here."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" not in os.environ:
+        # the plain env:// contract (Kubeflow's PyTorchJob, MPI wrappers, a hand-written script): one process per
+        # pod or host, RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and nothing else -- each process its own node
+        place = dict(rank=_int("RANK", 0), world_size=_int("WORLD_SIZE", 1), local_rank=0,
+                     local_world_size=1, node_rank=_int("RANK", 0), launcher="env")
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         world = _int("WORLD_SIZE", 1)
         local_world = _int("LOCAL_WORLD_SIZE", world)
         place = dict(

@@ -105,6 +105,22 @@ def sharded_strategy(strategy_class: type) -> type:
     return FabricShardedStrategy
 
 
+class OneProcessPerNode(TorchElasticEnvironment):
+    """The plain env:// contract (one process per pod or host, no LOCAL_RANK): TorchElasticEnvironment, with the
+    local rank (0) and node rank (= RANK) that core.dist.read_env gives such a process instead of the variables
+    that only torchrun sets."""
+
+    def __init__(self, env: DistEnv) -> None:
+        super().__init__()
+        self.env = env
+
+    def local_rank(self) -> int:
+        return self.env.local_rank
+
+    def node_rank(self) -> int:
+        return self.env.node_rank
+
+
 def cluster_environment(env: DistEnv):
     """The Lightning ClusterEnvironment of this launcher, named explicitly so Lightning never guesses otherwise.
 
@@ -113,6 +129,8 @@ def cluster_environment(env: DistEnv):
     """
     if env.launcher == "torchrun":
         return TorchElasticEnvironment()
+    if env.launcher == "env":  # RANK, WORLD_SIZE, MASTER_ADDR/PORT only: torchrun's contract less LOCAL_RANK
+        return OneProcessPerNode(env)
     if env.launcher == "slurm":
         return SLURMEnvironment(auto_requeue=False)  # preemption is handled by distmnist for all strategies
     return LightningEnvironment()

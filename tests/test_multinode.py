@@ -282,6 +282,19 @@ def debian_hosts(cluster, folder: Path) -> Path:
     return path
 
 
+DEAD = f"{NS}0"  # sorts before the cluster's own interface: the one NCCL, say, would try first
+
+
+def dead_interface(cluster, node: str) -> None:
+    """A second interface on `node` that reaches nothing: a veth pair with both ends inside the node, up, with
+    an address of TEST-NET-2 -- a choice by name or by order rather than by route would take it."""
+    subprocess.run(cluster.on(node, "ip", "link", "del", DEAD), capture_output=True, timeout=30)  # a run killed
+    for cmd in (["ip", "link", "add", DEAD, "type", "veth", "peer", "name", f"{NS}1"],
+                ["ip", "addr", "add", "198.51.100.2/24", "dev", DEAD],
+                ["ip", "link", "set", DEAD, "up"], ["ip", "link", "set", f"{NS}1", "up"]):
+        subprocess.run(cluster.on(node, *cmd), check=True, capture_output=True, timeout=30)
+
+
 def node_address(cluster, node: str) -> str:
     return next(line.split()[0] for line in (cluster.dir / "hosts").read_text().splitlines() if line.endswith(node))
 
@@ -292,6 +305,7 @@ def torchrun_runs(two_node_cluster, tmp_path_factory):
     its hostname on 127.0.1.1 (above); fabric's node1 with GLOO_SOCKET_IFNAME set by the user."""
     tmp = tmp_path_factory.mktemp("torchrun")
     hosts = debian_hosts(two_node_cluster, tmp)
+    dead_interface(two_node_cluster, "node2")
     started = time.monotonic()
     procs = {
         s: [multi_node(two_node_cluster, "node1", s, 29400 + i, *COMMON, f"run.dir={tmp / s}",
@@ -308,6 +322,7 @@ def torchrun_runs(two_node_cluster, tmp_path_factory):
             for p in pair:
                 if p.poll() is None:
                     p.kill()
+        subprocess.run(two_node_cluster.on("node2", "ip", "link", "del", DEAD), capture_output=True, timeout=30)
     print(f"three two-host torchrun runs at once took {time.monotonic() - started:.1f} s")
     return two_node_cluster, tmp, results
 
@@ -315,8 +330,8 @@ def torchrun_runs(two_node_cluster, tmp_path_factory):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, strategy):
-    """node2's hostname on 127.0.1.1 (debian_hosts): each node takes the interface towards MASTER_ADDR, and the
-    weights are those of one node with 4 processes."""
+    """node2's hostname on 127.0.1.1 (debian_hosts) and a dead second interface (dead_interface): each node takes
+    the interface towards MASTER_ADDR, and the weights are those of one node with 4 processes."""
     cluster, tmp, results = torchrun_runs
     for node, (rc, out, err) in zip(("node1", "node2"), results[strategy], strict=True):
         assert rc == 0, f"{node}: exit {rc}\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
@@ -327,6 +342,7 @@ def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, st
         lines = INTERFACE_LINE.findall(err)
         assert len(lines) == 1, f"{node}: {lines}\n{err[-3000:]}"
         host, interface, source, _master, master_address, settings = lines[0]
+        assert interface == f"{NS}{'a' if node == 'node1' else 'b'}", lines  # node2's dead {NS}0 is passed over
         theirs = " (yours)" if (node, strategy) == ("node1", "fabric") else ""
         assert (host, source, master_address) == (node, node_address(cluster, node), node_address(cluster, "node1"))
         assert settings == f"GLOO_SOCKET_IFNAME={interface}{theirs}, NCCL_SOCKET_IFNAME={interface}", lines

@@ -275,10 +275,10 @@ INTERFACE_LINE = re.compile(r"distmnist: (\S+): network interface (\S+) \((\S+)\
                             r"\((\S+)\); (.*)")
 
 
-def debian_hosts(cluster, folder: Path) -> Path:
-    """The cluster's /etc/hosts with node2's own name on 127.0.1.1 (node1 still resolves to its address)."""
-    path = folder / "hosts.node2"
-    path.write_text(re.sub(r"^\S+\s+node2$", "127.0.1.1 node2", (cluster.dir / "hosts").read_text(), flags=re.M))
+def debian_hosts(cluster, folder: Path, node: str = "node2") -> Path:
+    """The cluster's /etc/hosts with `node`'s own name on 127.0.1.1 (the other node keeps its address)."""
+    path = folder / f"hosts.{node}"
+    path.write_text(re.sub(rf"^\S+\s+{node}$", f"127.0.1.1 {node}", (cluster.dir / "hosts").read_text(), flags=re.M))
     return path
 
 
@@ -349,6 +349,39 @@ def test_torchrun_across_two_hosts_matches_one_node(torchrun_runs, reference, st
     m = metrics(tmp / strategy)
     assert (m["strategy"], m["num_nodes"], m["world_size"], m["global_step"]) == (strategy, 2, 4, STEPS), m
     assert same_weights(weights(tmp / strategy), weights(reference)), "two hosts differ from one node with 4 processes"
+
+
+@pytest.mark.timeout(420)
+def test_the_rendezvous_node_on_127_0_1_1_listens_where_the_others_reach_it(two_node_cluster, reference, tmp_path):
+    """node1 -- MASTER_ADDR, the rendezvous host -- maps its own name to 127.0.1.1: there MASTER_ADDR is loopback,
+    on node2 it is node1's address. At start-up rank 0 sees both answers and node1 takes the interface that holds
+    the address node2 sees; the weights are one node's. With the choice switched off on node1: one line (exit 69
+    of the workers) before any collective."""
+    hosts = debian_hosts(two_node_cluster, tmp_path, "node1")
+    cluster_address = node_address(two_node_cluster, "node1")
+    results = []
+    for name, env in (("picked", {}), ("off", {"DISTMNIST_NO_IFNAME_PICK": "1"})):
+        pair = [multi_node(two_node_cluster, "node1", "ddp", 29420, *COMMON, f"run.dir={tmp_path / name}",
+                           hosts=hosts, **env),
+                multi_node(two_node_cluster, "node2", "ddp", 29420, *COMMON, f"run.dir={tmp_path / name}")]
+        try:
+            results.append([(p.wait(timeout=330), *p.communicate()) for p in pair])
+        finally:
+            for p in pair:
+                if p.poll() is None:
+                    p.kill()
+    (rc1, out1, err1), (rc2, out2, err2) = results[0]
+    assert (rc1, rc2) == (0, 0), f"node1: {err1[-3000:]}\nnode2: {err2[-3000:]}"
+    lines = INTERFACE_LINE.findall(err1)
+    assert len(lines) == 1, err1[-3000:]
+    host, interface, source, master, master_address, settings = lines[0]
+    assert (host, interface, source, master, master_address) == ("node1", f"{NS}a", cluster_address, "node1",
+                                                                 cluster_address), lines
+    assert same_weights(weights(tmp_path / "picked"), weights(reference))
+    (rc1, _, err1), _ = results[1]
+    ours = [ln for ln in err1.splitlines() if ln.startswith("distmnist: error:")]
+    assert rc1 != 0 and len(ours) == 1, err1[-3000:]  # the workers' 69; torchrun's agent itself exits 1
+    assert f"MASTER_ADDR=node1 is loopback on node1 (its /etc/hosts) but {cluster_address}" in ours[0], ours
 
 
 # --------------------------------------------------------------------------------------- a node is missing

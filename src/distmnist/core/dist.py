@@ -128,7 +128,12 @@ def init_process_group(env: DistEnv, timeout_s: float, startup_timeout_s: float 
     choice = network.choose_interface(env.num_nodes, env.backend)
     if choice is not None and env.local_rank == 0:
         print(choice.line(), file=sys.stderr, flush=True)
-    store = agreed_store(env, startup_timeout_s)
+    store, master_elsewhere = agreed_store(env, startup_timeout_s)
+    # the rendezvous node itself, when its own /etc/hosts sends MASTER_ADDR to loopback and the others do not
+    if choice is None and env.num_nodes > 1 and master_elsewhere:
+        choice = network.choose_on_the_master_node(master_elsewhere, env.backend)
+        if choice is not None and env.local_rank == 0:
+            print(choice.line(), file=sys.stderr, flush=True)
     store.set_timeout(timedelta(seconds=timeout_s))
     peers.attach(store, env.rank)  # where a rank that stops leaves its line for the others (core/peers.py)
     kwargs = {}
@@ -163,13 +168,15 @@ _PREFIX = "distmnist/startup"
 _POLL_S = 0.05
 
 
-def agreed_store(env: DistEnv, startup_timeout_s: float) -> dist.Store:
-    """The launcher's store, prefixed with a key that every rank of this start got from rank 0 (see above)."""
+def agreed_store(env: DistEnv, startup_timeout_s: float) -> tuple[dist.Store, str | None]:
+    """The launcher's store, prefixed with a key that every rank of this start got from rank 0 (see above); and,
+    for a rank whose MASTER_ADDR resolves to loopback while the other hosts resolve it to an address, that
+    address (see _agree), else None."""
     where = _endpoint()
     base = _connect(env, where, startup_timeout_s)
     started = time.monotonic()
     try:
-        key = _agree(base, env, startup_timeout_s, where)
+        key, master_elsewhere = _agree(base, env, startup_timeout_s, where)
     except StartupIncomplete:
         raise
     except RuntimeError as err:  # the store went away: rank 0 gave up, or the network did
@@ -178,7 +185,7 @@ def agreed_store(env: DistEnv, startup_timeout_s: float) -> dist.Store:
             f"({_first_line(err)}): rank 0 stopped or {where} is not reachable from {socket.gethostname()}; "
             f"{_CHECK}"
         ) from None
-    return dist.PrefixStore(f"distmnist/{key}/", base)
+    return dist.PrefixStore(f"distmnist/{key}/", base), master_elsewhere
 
 
 _CHECK = ("check that every node was started (torchrun --nnodes, srun --nodes/--ntasks), that MASTER_ADDR:MASTER_PORT "
@@ -223,14 +230,18 @@ def _connect(env: DistEnv, where: str, startup_timeout_s: float) -> dist.TCPStor
         ) from None
 
 
-def _agree(store: dist.Store, env: DistEnv, startup_timeout_s: float, where: str) -> str:
+def _agree(store: dist.Store, env: DistEnv, startup_timeout_s: float, where: str) -> tuple[str, str | None]:
     """This start's key, from rank 0, once every rank has checked in; else StartupIncomplete on every rank that came.
 
     rank r > 0: publish a fresh nonce at hello/r, wait for answer/<nonce> (rank 0's key), check in under
-    <key>/host/r, wait for <key>/outcome ("go", or the line that says who is missing).
-    rank 0: answer every nonce it sees at hello/r until all ranks checked in under <key> or the time is up.
+    <key>/host/r (its hostname and what MASTER_ADDR resolves to there), wait for <key>/outcome ("go", or the line
+    that says who is missing).
+    rank 0: answer every nonce it sees at hello/r until all ranks checked in under <key> or the time is up; before
+    "go", <key>/master: the address the hosts that do not resolve MASTER_ADDR to loopback see, where other hosts
+    do (the rendezvous node's own /etc/hosts mapping its name to 127.0.1.1): their gloo must listen on it.
     """
     host = socket.gethostname()
+    seen_here = _master_seen()
     deadline = time.monotonic() + startup_timeout_s
     if env.rank != 0:
         nonce = uuid.uuid4().hex
@@ -242,7 +253,7 @@ def _agree(store: dist.Store, env: DistEnv, startup_timeout_s: float, where: str
                 f"or slow; {_CHECK}"
             )
         key = store.get(f"{_PREFIX}/answer/{nonce}").decode()
-        store.set(f"{_PREFIX}/{key}/host/{env.rank}", host)
+        store.set(f"{_PREFIX}/{key}/host/{env.rank}", f"{host}\t{seen_here}")
         # rank 0 decides within startup_timeout_s of its own start, which came before its answer
         if not _wait(store, f"{_PREFIX}/{key}/outcome", startup_timeout_s + 30):
             raise StartupIncomplete(f"start-up incomplete: rank 0 (store {where}) stopped answering; {_CHECK}")
@@ -250,10 +261,10 @@ def _agree(store: dist.Store, env: DistEnv, startup_timeout_s: float, where: str
         if outcome != "go":
             store.add(f"{_PREFIX}/{key}/told", 1)
             raise StartupIncomplete(outcome)
-        return key
+        return key, _master_elsewhere(store, key, seen_here)
 
     key = uuid.uuid4().hex
-    hosts, answered = {0: host}, {}
+    hosts, answered, seen = {0: host}, {}, {0: seen_here}
     waiting = set(range(1, env.world_size))
     while waiting:
         for r in sorted(waiting):
@@ -265,20 +276,37 @@ def _agree(store: dist.Store, env: DistEnv, startup_timeout_s: float, where: str
                     answered[r] = nonce
             came = f"{_PREFIX}/{key}/host/{r}"
             if store.check([came]):
-                hosts[r] = store.get(came).decode()
+                hosts[r], seen[r] = store.get(came).decode().split("\t", 1)
                 waiting.discard(r)
         if not waiting or time.monotonic() > deadline:
             break
         time.sleep(_POLL_S)
     if not waiting:
+        looped = {hosts[r] for r, a in seen.items() if network.is_loopback(a)}
+        elsewhere = sorted({a for r, a in seen.items() if a and not network.is_loopback(a) and hosts[r] not in looped})
+        if looped and elsewhere:
+            store.set(f"{_PREFIX}/{key}/master", elsewhere[0])
         store.set(f"{_PREFIX}/{key}/outcome", "go")
-        return key
+        return key, _master_elsewhere(store, key, seen_here)
     line = _missing_line(env, hosts, sorted(waiting), startup_timeout_s, where)
     store.set(f"{_PREFIX}/{key}/outcome", line)
     told_by = time.monotonic() + 5  # keep serving the store until the others read the line (when rank 0 serves it)
     while store.add(f"{_PREFIX}/{key}/told", 0) < len(hosts) - 1 and time.monotonic() < told_by:
         time.sleep(_POLL_S)
     raise StartupIncomplete(line)
+
+
+def _master_seen() -> str:
+    """What MASTER_ADDR resolves to on this host (its first address), "" when it does not resolve."""
+    found = network.resolve(os.environ.get("MASTER_ADDR", ""))
+    return found[0] if found else ""
+
+
+def _master_elsewhere(store: dist.Store, key: str, seen_here: str) -> str | None:
+    """For a rank whose MASTER_ADDR is loopback: the address the other hosts see, if rank 0 published one."""
+    if not network.is_loopback(seen_here) or not store.check([f"{_PREFIX}/{key}/master"]):
+        return None
+    return store.get(f"{_PREFIX}/{key}/master").decode()
 
 
 def _wait(store: dist.Store, key: str, timeout_s: float) -> bool:

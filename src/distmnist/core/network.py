@@ -198,3 +198,30 @@ def choose_interface(num_nodes: int, backend: str, environ=os.environ) -> Choice
             raise NetworkUnusable(f"network: {looped}; unset {NO_PICK_VAR}, or {_FIX}")
     settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
     return Choice(route, chosen, settings) if settings else None
+
+
+def choose_on_the_master_node(address: str, backend: str, environ=os.environ) -> Choice | None:
+    """On the rendezvous node, when MASTER_ADDR resolves to loopback here (its /etc/hosts maps its own name to
+    127.0.1.1) but to `address` on the other hosts: they will connect to `address`, so gloo / NCCL must listen on
+    the interface that holds it -- set as choose_interface sets them (the user's variables win; None when nothing
+    is set). NetworkUnusable (exit 69) when no interface here holds `address`, or when the choice is switched off
+    and gloo would listen on loopback."""
+    host, master = socket.gethostname(), environ.get("MASTER_ADDR", "")
+    mine = {var for var in IFNAME_VARS if environ.get(var)}
+    unset = tuple(var for var in IFNAME_VARS if var not in mine)
+    if not unset:
+        return None
+    seen = f"MASTER_ADDR={master} is loopback on {host} (its /etc/hosts) but {address} on the other nodes"
+    if not picking(environ):
+        if backend == "gloo" and "GLOO_SOCKET_IFNAME" not in mine:
+            raise NetworkUnusable(f"network: {seen}: gloo would listen on loopback here; unset {NO_PICK_VAR}, map "
+                                  f"{master} to {address} in {host}'s /etc/hosts, or {_FIX}")
+        return None
+    interface = interface_of(address)
+    if interface is None:
+        raise NetworkUnusable(f"network: {seen}, and no interface of {host} holds {address}: MASTER_ADDR must name "
+                              f"the rendezvous node by a name or address every node resolves alike; {_FIX}")
+    for var in unset:
+        environ[var] = interface
+    settings = tuple((var, environ[var]) for var in IFNAME_VARS if environ.get(var))
+    return Choice(Route(master, address, address, interface), unset, settings)

@@ -143,6 +143,14 @@ def test_shipped_configs_found_by_name_from_any_folder(name, tmp_path, monkeypat
     assert load_config(name) == load_config(CONFIGS / f"{name}.yaml")
 
 
+def test_a_checkout_uses_its_own_shipped_configs():
+    # with PYTHONPATH=src the import must not fall back to distmnist.configs: that is another checkout's
+    # (through its editable install) or none at all
+    from distmnist.core.config import loading
+
+    assert loading._shipped_configs() == CONFIGS.resolve()
+
+
 def test_seed_config_is_the_tutorial_recipe():
     cfg = load_config(CONFIGS / "seed.yaml")
     assert cfg.data.name == "mnist"

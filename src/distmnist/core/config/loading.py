@@ -18,9 +18,10 @@ import yaml
 from distmnist.core.config.schema import Config, identity, known_keys, validate
 from distmnist.core.errors import DistMnistError
 
-# The shipped configs of the checkout this file is in (<repo>/src/distmnist/core/config/loading.py -> <repo>/configs).
-# Installed, they are the package distmnist.configs (see resolve_path).
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[4] / "configs"
+# The checkout this file is in, if it is one: <repo>/src/distmnist/core/config/loading.py -> <repo>.
+_CHECKOUT = Path(__file__).resolve().parents[4]
+# The shipped configs of that checkout. Installed, they are the package distmnist.configs (see resolve_path).
+SHIPPED_CONFIGS = _CHECKOUT / "configs"
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -53,8 +54,7 @@ def _shipped_configs() -> Any:
     folder an editable install maps distmnist.configs to, whereas with PYTHONPATH=src the import would find no
     distmnist.configs, or another checkout's one through that checkout's editable install.
     """
-    here = Path(__file__).resolve()
-    in_checkout = here.parents[2].name == "src" and (here.parents[3] / "pyproject.toml").is_file()
+    in_checkout = (_CHECKOUT / "src").is_dir() and (_CHECKOUT / "pyproject.toml").is_file()
     if in_checkout and SHIPPED_CONFIGS.is_dir():
         return SHIPPED_CONFIGS
     try:

@@ -39,7 +39,8 @@ def train(cfg: Config) -> dict:
         records = Records(run)
         data.all_ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        # one item per optimizer step: data-parallel rank r takes perm[r::D] of the epoch's order, batch_size x
+        # accumulation at a time (the ranks of a tensor-parallel group the same)
         train_batches = data.train_batches(cfg, env, split)
         accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
@@ -47,8 +48,9 @@ def train(cfg: Config) -> dict:
         model = build_model(cfg.model.hidden, cfg.seed).to(env.device)
         # one process needs no DDP wrapper: same arithmetic (averaging over 1 rank), no bucket overhead
         net = model
-        if cfg.train.parallel == "fsdp":  # FSDP2: each Linear, then the root, sharded in place over all ranks
-            net = model = parallel.shard(model, parallel.mesh(env), cfg.train.precision)
+        if run.layout.on_mesh:  # fsdp/hsdp or train.tp_size > 1: TP over the mesh's tp, then FSDP2 over its dp dims
+            mesh = parallel.mesh(env, run.layout)  # (dp_replicate, dp_shard, tp)
+            net = model = parallel.parallelize(model, *parallel.submeshes(mesh, run.layout), cfg.train.precision)
         elif env.world_size > 1:
             device_ids = [env.device.index] if env.device.type == "cuda" else None
             net = DistributedDataParallel(model, device_ids=device_ids)
@@ -68,7 +70,7 @@ def train(cfg: Config) -> dict:
             scaler.step(optimizer)
             scaler.update()
 
-        tally = TrainTally(env.device)
+        tally = TrainTally(env.device, counted=run.layout.tp_rank(env.rank) == 0)  # a TP group's samples once
 
         def train_step(x, y):
             optimizer.zero_grad(set_to_none=True)

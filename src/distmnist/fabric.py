@@ -43,10 +43,11 @@ def train(cfg: Config) -> dict:
     if env.world_size > 1:
         strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
     plugins = [adapters.checkpoint_io(), adapters.cluster_environment(env)]
-    if cfg.train.parallel == "fsdp":  # FSDP2: Lightning's ModelParallelStrategy with the shard layout of core.parallel
+    if run.layout.on_mesh:  # FSDP2 / TP: Lightning's ModelParallelStrategy with the layout of core.parallel
+        dp_size, tp_size = adapters.model_parallel_sizes(run.layout)  # or one line: hsdp, ddp x tp
         strategy = adapters.sharded_strategy(ModelParallelStrategy)(
-            parallelize_fn=adapters.parallelize_fn(cfg.train.precision),
-            data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s),
+            parallelize_fn=adapters.parallelize_fn(cfg.train.precision, cfg.train.parallel),
+            data_parallel_size=dp_size, tensor_parallel_size=tp_size, timeout=timedelta(seconds=cfg.dist.timeout_s),
         )
         plugins = [adapters.cluster_environment(env)]  # it takes no CheckpointIO: checkpoints are DCP folders
     fabric = Fabric(
@@ -63,7 +64,8 @@ def train(cfg: Config) -> dict:
         records = Records(run)
         data.all_ensure_available(cfg.data, env)
         split = data.load_split(cfg.data, train=True)
-        # one item per optimizer step: rank r takes perm[r::W] of the epoch's order, batch_size x accumulation at a time
+        # one item per optimizer step: data-parallel rank r takes perm[r::D] of the epoch's order, batch_size x
+        # accumulation at a time (the ranks of a tensor-parallel group the same)
         train_batches = data.train_batches(cfg, env, split)
         accumulate = run.batching.accumulate  # micro-batches per optimizer step (train.accumulate_grad_batches)
         eval_batches = data.eval_batches(cfg, env)
@@ -83,7 +85,7 @@ def train(cfg: Config) -> dict:
             fabric.backward(loss / accumulate)  # the mean over the step's samples, summed over micro-batches
             return logits, loss
 
-        tally = TrainTally(env.device)
+        tally = TrainTally(env.device, counted=run.layout.tp_rank(env.rank) == 0)  # a TP group's samples once
 
         def train_step(x, y):
             optimizer.zero_grad(set_to_none=True)

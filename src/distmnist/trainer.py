@@ -49,14 +49,17 @@ class NNModule(L.LightningModule):
         self.val_metrics = EvalMetrics()
 
     def setup(self, stage: str) -> None:
-        self.tally = TrainTally(self.device)  # running sums of the epoch's loss/accuracy, no host sync per step
+        lay = parallel.layout(self.cfg, self.trainer.world_size)
+        # running sums of the epoch's loss/accuracy, no host sync per step (a tensor-parallel group's samples once)
+        self.tally = TrainTally(self.device, counted=lay.tp_rank(self.global_rank) == 0)
         self.val_metrics.keep_wrong = 32 if self.global_rank == 0 else 0  # misclassified images for TensorBoard
 
     def configure_model(self) -> None:
-        """train.parallel=fsdp: ModelParallelStrategy hands over its device mesh; the shard layout of core.parallel
-        (FSDP2 on each Linear, then the root). With DDP there is no mesh and nothing to do."""
+        """train.parallel=fsdp or train.tp_size > 1: ModelParallelStrategy hands over its device mesh; the layout of
+        core.parallel (TP on the first two Linears, FSDP2 on each Linear, then the root). With DDP there is no mesh
+        and nothing to do."""
         if self.device_mesh is not None:
-            adapters.parallelize_fn(self.cfg.train.precision)(self.model, self.device_mesh)
+            adapters.parallelize_fn(self.cfg.train.precision, self.cfg.train.parallel)(self.model, self.device_mesh)
 
     def forward(self, x):
         return self.model(x)
@@ -69,25 +72,28 @@ class NNModule(L.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self.whole = parallel.gathered(self.model)  # FSDP: weights gathered once, not per batch (batch counts differ)
-        self.whole.__enter__()
+        # FSDP: weights gathered once, not per batch (batch counts differ); TP: a plain copy of the full weights
+        self.whole = parallel.gathered(self.model)
+        self.evaluated = self.whole.__enter__()
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_metrics.update(self.model(x), y, x)
+        self.val_metrics.update(self.evaluated(x), y, x)
 
     def on_validation_epoch_end(self) -> None:
         self.whole.__exit__(None, None, None)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model.parameters())
-        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg, self.trainer.world_size)  # optimizer steps
+        dp_size = parallel.layout(self.cfg, self.trainer.world_size).dp
+        total = self.cfg.train.epochs * data.steps_per_epoch(self.cfg, dp_size)  # optimizer steps
         scheduler = build_scheduler(self.cfg.optim, optimizer, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class MNISTData(L.LightningDataModule):
-    """The shared batches: rank r takes perm[r::W] of each epoch's global order; exact, unpadded evaluation."""
+    """The shared batches: data-parallel rank r takes perm[r::D] of each epoch's global order (the ranks of a
+    tensor-parallel group the same); exact, unpadded evaluation."""
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         super().__init__()
@@ -225,9 +231,10 @@ def train(cfg: Config) -> dict:
         strategy = "auto"
         if env.world_size > 1:  # its gradient buckets laid out once before the first step: RunCheckpoints
             strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
-        if cfg.train.parallel == "fsdp":  # FSDP2: ModelParallelStrategy + NNModule.configure_model (core.parallel)
+        if run.layout.on_mesh:  # FSDP2 / TP: ModelParallelStrategy + NNModule.configure_model (core.parallel)
+            dp_size, tp_size = adapters.model_parallel_sizes(run.layout)  # or one line: hsdp, ddp x tp
             strategy = adapters.sharded_strategy(ModelParallelStrategy)(
-                data_parallel_size=env.world_size, tensor_parallel_size=1, timeout=timedelta(seconds=cfg.dist.timeout_s)
+                data_parallel_size=dp_size, tensor_parallel_size=tp_size, timeout=timedelta(seconds=cfg.dist.timeout_s)
             )
         trainer = L.Trainer(
             accelerator=env.device.type,

@@ -79,25 +79,31 @@ def all_evaluate(
     """The test set through `model` (the plain NNModel, not its DDP wrapper: no collectives per batch)."""
     was_training = model.training
     model.eval()
-    with parallel.gathered(model):  # FSDP: the weights gathered once, not per batch (ranks' batch counts differ)
+    # FSDP: the weights gathered once, not per batch (ranks' batch counts differ); TP: a plain copy of them
+    with parallel.gathered(model) as whole:
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
-                logits = model(x)
+                logits = whole(x)
             metrics.update(logits, y, x)
     model.train(was_training)
     return metrics.compute()
 
 
 class TrainTally:
-    """Sums of loss, correct predictions and samples of one epoch, kept on the device."""
+    """Sums of loss, correct predictions and samples of one epoch, kept on the device. `counted`: whether this
+    rank's samples count -- with tensor parallelism the ranks of one TP group train on the same samples (and
+    compute the same logits), so only the first of each group (TP coordinate 0; rank 0 among them) adds them."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, counted: bool = True) -> None:
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)
         self.loss_sum, self.correct, self.count = self.sums.unbind()  # views: updated in place, no indexing
+        self.counted = counted
 
     def update(self, logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
         """Every step: six small kernels on tensors that need no grad, no host sync."""
+        if not self.counted:
+            return
         self.loss_sum.add_(loss.detach(), alpha=target.shape[0])
         self.correct.add_((logits.detach().argmax(dim=1) == target).sum())
         self.count.add_(target.shape[0])

@@ -1,13 +1,23 @@
-"""The parallel axis, ``train.parallel``: replicate the model on every rank (``ddp``) or shard it (``fsdp``).
+"""The parallel axis: how the model is held over a device mesh -- ``train.parallel`` (the data-parallel flavour:
+``ddp`` replicate, ``fsdp`` shard, ``hsdp`` replicate over groups and shard within each) and ``train.tp_size``
+(tensor parallelism: how many ranks split each of the first two Linear layers).
 
-With ``fsdp`` the shard layout is written once, here, and used as is by the three strategies: raw PyTorch calls
-:func:`shard` on its model, Fabric and the Trainer hand it to Lightning's ``ModelParallelStrategy`` as the
-parallelize function (``distmnist.lightning.adapters.parallelize_fn``; Fabric: ``parallelize_fn``; Trainer:
-``LightningModule.configure_model``). FSDP2 (``torch.distributed.fsdp.fully_shard``): each ``Linear`` of the
-NNModel is one FSDP unit, then the root, on a 1-D device mesh over all processes; every parameter, its gradient and
-its optimizer state is split along dim 0, each rank keeping its rows (``DTensor`` with a ``Shard(0)`` placement).
-Forward and backward all-gather one layer's weights at a time; backward reduce-scatters the gradients (the mean
-over ranks, as DDP's all-reduce).
+The layout is written once, here, and used as is by the three strategies: raw PyTorch builds :func:`mesh` and
+calls :func:`parallelize` on its model; Fabric and the Trainer hand it to Lightning's ``ModelParallelStrategy`` as
+the parallelize function (``distmnist.lightning.adapters.parallelize_fn``).
+
+Mesh degrees (:class:`Layout`): world size = data-parallel size x ``train.tp_size``; the data-parallel size is
+``train.replicate_size`` x the shard size. The mesh is ``(dp_replicate, dp_shard, tp)``, row-major, so rank
+``r`` has data-parallel coordinate ``r // tp`` and tensor-parallel coordinate ``r % tp``: the ranks of one TP group
+are neighbours (on a GPU node, the fast links), read the same micro-batch, and the data-parallel coordinate picks
+the shard of the global order (core.data).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``): each ``Linear`` of the NNModel is one FSDP unit, then the root,
+over the data-parallel dimension; every parameter, its gradient and its optimizer state is split along dim 0, each
+rank keeping its rows (``DTensor`` with a ``Shard(0)`` placement). Forward and backward all-gather one layer's
+weights at a time; backward reduce-scatters the gradients (the mean over ranks, as DDP's all-reduce). HSDP is the
+same over the 2-D (dp_replicate, dp_shard) mesh: sharded within a group, the gradients also all-reduced across the
+groups.
 
 Precision: ``32-true`` -- no policy. ``bf16-mixed`` -- FSDP2's ``MixedPrecisionPolicy(param_dtype=bfloat16,
 reduce_dtype=float32)``: the sharded parameters the optimizer updates stay float32, layers compute with bfloat16
@@ -18,26 +28,139 @@ loss in float32). ``16-mixed`` (float16 + a gradient scaler over sharded gradien
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
 from distmnist.core.dist import DistEnv
+from distmnist.core.errors import DistMnistError
+
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+TP_DIMS = ("tp", "tensor_parallel")  # the tensor-parallel dimension in this mesh and in Lightning's
 
 
-def mesh(env: DistEnv):
-    """The 1-D device mesh over all processes (the data-parallel dimension). One process without a process group
-    (``python -m distmnist.ddp``) gets a group of one: FSDP2 always works on a mesh."""
+@dataclass(frozen=True)
+class Layout:
+    """The mesh degrees of a run: ``replicate x shard x tp = world_size``."""
+
+    parallel: str  # ddp | fsdp | hsdp
+    world_size: int
+    tp: int = 1
+    replicate: int = 1  # data-parallel groups that each hold a whole (ddp) or sharded (hsdp) copy
+
+    @property
+    def dp(self) -> int:
+        """The data-parallel size: how many different micro-batches one step reads."""
+        return self.world_size // self.tp
+
+    @property
+    def shard(self) -> int:
+        return self.dp // self.replicate
+
+    @property
+    def on_mesh(self) -> bool:
+        """Whether the model is held as DTensors on a device mesh (anything but plain DDP)."""
+        return self.parallel != "ddp" or self.tp > 1
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tp
+
+    def tp_rank(self, rank: int) -> int:
+        return rank % self.tp
+
+    def describe(self) -> str:
+        """e.g. ``fsdp 2 x tp 2``, ``hsdp 2x2``, ``ddp 4``."""
+        dp = f"hsdp {self.replicate}x{self.shard}" if self.parallel == "hsdp" else f"{self.parallel} {self.dp}"
+        return dp + (f" x tp {self.tp}" if self.tp > 1 else "")
+
+
+def _fitting(world: int, width: int) -> str:
+    return ", ".join(str(t) for t in range(1, world + 1) if world % t == 0 and width % t == 0)
+
+
+def layout(cfg, world_size: int) -> Layout:
+    """The layout of `cfg` (train.parallel, train.tp_size, train.replicate_size) over `world_size` processes, or
+    one line naming sizes that fit (the config alone has checked what does not depend on the processes)."""
+    tp, kind = cfg.train.tp_size, cfg.train.parallel
+    if world_size % tp:
+        raise DistMnistError(
+            f"train.tp_size={tp} does not divide the {world_size} processes: use train.tp_size="
+            f"{_fitting(world_size, cfg.model.hidden[0])} (sizes that divide {world_size} and model.hidden[0]), "
+            f"or run a multiple of {tp} processes"
+        )
+    dp = world_size // tp
+    if kind == "hsdp":
+        replicate = cfg.train.replicate_size
+        if dp % replicate:
+            fits = ", ".join(str(r) for r in range(1, dp + 1) if dp % r == 0)
+            raise DistMnistError(
+                f"train.replicate_size={replicate} does not divide the data-parallel size {dp} ({world_size} "
+                f"processes / train.tp_size={tp}): use train.replicate_size={fits}"
+            )
+        return Layout(kind, world_size, tp, replicate)
+    return Layout(kind, world_size, tp, dp if kind == "ddp" else 1)
+
+
+def mesh(env: DistEnv, lay: Layout):
+    """The named device mesh ``(dp_replicate, dp_shard, tp)`` of `lay` over all processes. One process without a
+    process group (``python -m distmnist.ddp``) gets a group of one: FSDP2 always works on a mesh."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if not tdist.is_initialized():  # world size 1: dist.process_group leaves it out; its exit destroys this one
         tdist.init_process_group(env.backend, store=tdist.HashStore(), rank=0, world_size=1)
-    return init_device_mesh(env.device.type, (tdist.get_world_size(),), mesh_dim_names=("data_parallel",))
+    return init_device_mesh(env.device.type, (lay.replicate, lay.shard, lay.tp), mesh_dim_names=MESH_DIMS)
+
+
+def submeshes(device_mesh, lay: Layout) -> tuple:
+    """(tensor-parallel mesh or None, data-parallel mesh or None) of this package's mesh for `lay`.
+
+    ``ddp`` with ``tp_size > 1`` replicates over the data-parallel ranks with FSDP2 on the 2-D (dp_replicate,
+    dp_shard) mesh whose shard groups are one rank each (HSDP with shard size 1): every rank keeps its whole
+    TP-local weights, the gradients are all-reduced (the mean over data-parallel ranks: DDP's arithmetic).
+    ``DistributedDataParallel`` itself composes with TP only through torch's private
+    ``tensor.parallel.ddp._pre_dp_module_transform``, which turns the DTensor parameters into local tensors
+    between forwards -- then neither the full state_dict of model.pt nor the DCP checkpoint sees DTensors."""
+    tp = device_mesh["tp"] if lay.tp > 1 else None
+    if lay.parallel == "fsdp":
+        return tp, device_mesh["dp_shard"]
+    if lay.parallel == "hsdp" or lay.dp > 1:
+        return tp, device_mesh["dp_replicate", "dp_shard"]
+    return tp, None  # pure TP: one data-parallel rank, nothing to average
+
+
+def tp_plan(model: nn.Module) -> dict:
+    """Megatron's plan for the MLP: the first Linear column-parallel (each TP rank computes its slice of the
+    hidden units: its rows of the weight, its part of the bias), ReLU on the slice, the second Linear row-parallel
+    (its columns of the weight; the partial outputs summed by one all-reduce, the bias added once). The forward
+    has one all-reduce (activations of batch x hidden[1]); the backward none (the images need no gradient).
+
+    The rest, the 128 -> 10 output layer included, stays replicated: its input is already whole after the
+    all-reduce, so every TP rank computes the same logits and the loss, the tally and the metrics need nothing.
+    Column-parallel there would split 10 classes (not even over 4 ranks) and need an all-gather of the logits
+    (or ``loss_parallel``) for 1290 parameters, 1% of the model."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {names[0]: ColwiseParallel(), names[1]: RowwiseParallel()}
+
+
+def parallelize(model: nn.Module, tp_mesh, dp_mesh, precision: str) -> nn.Module:
+    """The layout in place: tensor parallelism over `tp_mesh` (None: none), then FSDP2 over `dp_mesh` (1-D:
+    shard; 2-D: replicate x shard; None: no data-parallel wrapper). Returns `model`."""
+    if tp_mesh is not None:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, tp_mesh, tp_plan(model))
+    if dp_mesh is not None:
+        shard(model, dp_mesh, precision)
+    return model
 
 
 def shard(model: nn.Module, device_mesh, precision: str) -> nn.Module:
-    """FSDP2 on `model` in place: each Linear, then the root, over `device_mesh` (1-D). Returns `model`."""
+    """FSDP2 on `model` in place: each Linear, then the root, over `device_mesh` (1-D: FSDP; 2-D: HSDP).
+    Returns `model`."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()  # 32-true: parameters, compute and reduction in float32
@@ -54,6 +177,16 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def is_tensor_parallel(model: nn.Module) -> bool:
+    """Whether `model`'s forward needs the collectives of tensor parallelism (a DTensor on a TP mesh dimension)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(
+        isinstance(p, DTensor) and any(d in TP_DIMS for d in p.device_mesh.mesh_dim_names or ())
+        for p in model.parameters()
+    )
 
 
 def _fsdp_modules(model: nn.Module) -> list:
@@ -111,9 +244,13 @@ def _without_gradient_sync(model: nn.Module):
 
 @contextmanager
 def gathered(model: nn.Module):
-    """The whole model on every rank for an evaluation (FSDP: all-gathered once, kept until the end; DDP: nothing
-    to do). Evaluation shards the test set exactly, so ranks may run different numbers of batches: a forward must
-    then need no collective."""
+    """The whole model on every rank for an evaluation, to forward through inside the context (FSDP: all-gathered
+    once, kept until the end; DDP: nothing to do; tensor parallelism: a plain NNModel copy of the full weights,
+    since a TP forward needs collectives). Evaluation shards the test set exactly over all ranks, so ranks may run
+    different numbers of batches: a forward must then need no collective."""
+    if is_tensor_parallel(model):
+        yield _plain_copy(model)
+        return
     units = _fsdp_modules(model)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -124,6 +261,16 @@ def gathered(model: nn.Module):
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """A plain NNModel with `model`'s full weights on every rank (a collective: each DTensor gathered in turn)."""
+    from distmnist.core.model import NNModel
+
+    full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    whole = NNModel(model.hidden).to(next(iter(full.values())).device)
+    whole.load_state_dict(full)
+    return whole.train(model.training)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

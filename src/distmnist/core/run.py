@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distmnist.core import checkpoint, config, dist
+from distmnist.core import checkpoint, config, dist, parallel
 from distmnist.core.config import Config
 from distmnist.core.dist import DistEnv
 from distmnist.core.errors import DistMnistError, alike_on_every_rank
@@ -37,10 +37,11 @@ def run_strategy(config_file: str | Path) -> str | None:
 class RunDir:
     def __init__(self, cfg: Config, strategy: str, env: DistEnv) -> None:
         self.cfg, self.strategy, self.env = cfg, strategy, env
-        # batch x processes x accumulation = data.global_batch_size, or one line saying what to change (before
-        # anything is written)
+        # the mesh degrees (train.tp_size, train.replicate_size) fit the processes, and batch x data-parallel size
+        # x accumulation = data.global_batch_size, or one line saying what to change (before anything is written)
         with alike_on_every_rank():  # said once per node (local rank 0): every process computes it alike
-            self.batching = config.batching(cfg, env.world_size)
+            self.layout = parallel.layout(cfg, env.world_size)
+            self.batching = config.batching(cfg, self.layout.dp)
         self.path = cfg.run_dir(strategy)
         self.config_yaml = self.path / "config.yaml"
         self.tb_dir = self.path / "tb"
@@ -117,6 +118,9 @@ class RunDir:
             "strategy": self.strategy,
             "parallel": self.cfg.train.parallel,
             "world_size": self.env.world_size,
+            "data_parallel_size": self.layout.dp,
+            "tp_size": self.layout.tp,
+            "replicate_size": self.cfg.train.replicate_size,
             "batch_size": self.batching.batch_size,
             "accumulate_grad_batches": self.batching.accumulate,
             "trajectory": config.trajectory(self.cfg),
@@ -141,6 +145,15 @@ class RunDir:
                 f"has train.parallel={self.cfg.train.parallel}; resume it with train.parallel={theirs_parallel} or "
                 f"choose a new run.dir"
             )
+        theirs_layout = {"train.tp_size": meta.get("tp_size", 1), "train.replicate_size": meta.get("replicate_size")}
+        mine_layout = {"train.tp_size": self.cfg.train.tp_size, "train.replicate_size": self.cfg.train.replicate_size}
+        if theirs_layout != mine_layout:
+            was = " ".join(f"{k}={v}" for k, v in theirs_layout.items() if v is not None)
+            raise DistMnistError(
+                f"run.dir {self.path} holds checkpoints of another layout ({path.name}: {was}) and this run has "
+                f"{' '.join(f'{k}={v}' for k, v in mine_layout.items() if v is not None)}; resume it with {was} "
+                f"(another number of processes is fine) or choose a new run.dir"
+            )
         mine = config.trajectory(self.cfg)
         theirs = meta.get("trajectory", {})
         changed = [f"{k}: {theirs.get(k)!r} -> {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
@@ -156,14 +169,15 @@ class RunDir:
         """The same global batch, and another number of processes only where the order does not depend on it
         (data.global_batch_size set: every step takes P[kG:(k+1)G] of the padded epoch). On every rank: all of
         them stop with the same line."""
-        theirs_w = meta.get("world_size")
+        theirs_w = meta.get("data_parallel_size", meta.get("world_size"))  # before TP: all processes were data-parallel
         theirs_g = meta.get("global_batch")  # checkpoints from before it was recorded: batch x processes
         if theirs_g is None and isinstance(theirs_w, int):
             theirs_g = meta.get("trajectory", {}).get("data.batch_size", 0) * theirs_w
         mine = self.batching
-        if theirs_w != self.env.world_size and not mine.fixed:
+        if theirs_w != self.layout.dp and not mine.fixed:
             raise DistMnistError(
-                f"run.dir {self.path} was written by {theirs_w} processes and this job has {self.env.world_size}: "
+                f"run.dir {self.path} was written by {theirs_w} data-parallel processes and this job has "
+                f"{self.layout.dp}: "
                 f"the run was started without data.global_batch_size, so its order of samples depends on the number "
                 f"of processes; resume it with {theirs_w}, or start a new run.dir with data.global_batch_size set"
             )
@@ -172,8 +186,9 @@ class RunDir:
                    f"{theirs_w} processes x data.batch_size x train.accumulate_grad_batches = {theirs_g}")
             raise DistMnistError(
                 f"run.dir {self.path} holds a run with another config (global batch: {theirs_g} -> "
-                f"{mine.global_batch} with {self.env.world_size} processes x data.batch_size={mine.batch_size} x "
-                f"train.accumulate_grad_batches={mine.accumulate}); resume it with {fix}, or choose a new run.dir"
+                f"{mine.global_batch} with {self.layout.dp} data-parallel processes x "
+                f"data.batch_size={mine.batch_size} x train.accumulate_grad_batches={mine.accumulate}); resume it with "
+                f"{fix}, or choose a new run.dir"
             )
 
     def check_model_state(self, obj: dict[str, Any], path: Path) -> None:

@@ -34,10 +34,9 @@ WARMUP_STEPS = 3
 def capture_applies(cfg: Config, env: DistEnv) -> bool:
     """Where the step is replayed from a CUDA graph: ``train.cuda_graphs``, a CUDA device, one process, DDP (FSDP's
     all-gathers and its hooks are not captured), no gradient accumulation."""
-    one_batch = batching(cfg, env.world_size).accumulate == 1
     return (
         cfg.train.cuda_graphs and env.device.type == "cuda" and env.world_size == 1 and cfg.train.parallel == "ddp"
-        and one_batch
+        and batching(cfg, env.world_size).accumulate == 1  # one process: world size = data-parallel size
     )
 
 

@@ -5,8 +5,8 @@
 * :func:`sharded_strategy` -- Lightning's ``ModelParallelStrategy`` (FSDP2) writing and reading the core's sharded
   checkpoints, and skipping FSDP2's reduce-scatter on accumulating micro-steps in the Trainer.
 * :func:`cluster_environment` -- the ClusterEnvironment of the launcher ``core.dist`` found.
-* :func:`parallelize_fn` -- ``ModelParallelStrategy``'s parallelize function: the core's FSDP2 layout
-  (``core.parallel.shard``).
+* :func:`parallelize_fn` -- ``ModelParallelStrategy``'s parallelize function: the core's layout (TP, FSDP2;
+  ``core.parallel.parallelize``); :func:`model_parallel_sizes` -- its mesh sizes, or the layouts it cannot hold.
 
 ``sharded_strategy`` replaces methods that Lightning calls by name and relies on the checkpoint keys Lightning
 writes and reads (written against Lightning 2.6, ``internals.LIGHTNING_VERSION``);
@@ -39,6 +39,7 @@ from distmnist.core.checkpoint import (
     sharded_state_dicts,
 )
 from distmnist.core.dist import DistEnv
+from distmnist.core.errors import DistMnistError, alike_on_every_rank
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -136,12 +137,32 @@ def cluster_environment(env: DistEnv):
     return LightningEnvironment()
 
 
-def parallelize_fn(precision: str):
+def model_parallel_sizes(lay: parallel.Layout) -> tuple[int, int]:
+    """``(data_parallel_size, tensor_parallel_size)`` of Lightning's ``ModelParallelStrategy`` for `lay`, or one
+    line where it cannot hold the layout. Its device mesh is 2-D, ``data_parallel x tensor_parallel``, and the
+    data-parallel dimension is one dimension that FSDP2 shards over (Lightning 2.6): HSDP's replicate x shard, and
+    DDP's replication over several data-parallel ranks next to TP, have no dimension there."""
+    with alike_on_every_rank():
+        if lay.parallel == "hsdp" or (lay.parallel == "ddp" and lay.dp > 1):
+            what = "train.parallel=hsdp" if lay.parallel == "hsdp" else "train.parallel=ddp with train.tp_size > 1"
+            raise DistMnistError(
+                f"{what} ({lay.describe()}) cannot be expressed in Lightning's ModelParallelStrategy: its mesh is "
+                f"data_parallel x tensor_parallel, with one (sharded) data-parallel dimension; use train.parallel="
+                f"fsdp with train.tp_size={lay.tp}, ddp with train.tp_size={lay.world_size} (pure TP), or "
+                f"distmnist.ddp for this layout"
+            )
+    return lay.dp, lay.tp
+
+
+def parallelize_fn(precision: str, kind: str = "fsdp"):
     """The parallelize function of Lightning's ``ModelParallelStrategy`` (``fn(module, device_mesh)``; Fabric:
     ``parallelize_fn=``, the Trainer: called in ``configure_model``): its mesh is 2-D (data_parallel x
-    tensor_parallel, the latter of size 1 here), the shards of core.parallel's layout go over data_parallel."""
+    tensor_parallel); core.parallel's layout puts TP on tensor_parallel (when larger than 1) and, for `kind`
+    ``fsdp``, the FSDP2 shards on data_parallel (``ddp``: pure TP, one data-parallel rank, no wrapper)."""
 
     def parallelize(module: nn.Module, device_mesh) -> nn.Module:
-        return parallel.shard(module, device_mesh["data_parallel"], precision)
+        tp = device_mesh["tensor_parallel"] if device_mesh["tensor_parallel"].size() > 1 else None
+        dp = device_mesh["data_parallel"] if kind == "fsdp" else None
+        return parallel.parallelize(module, tp, dp, precision)
 
     return parallelize

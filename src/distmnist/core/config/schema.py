@@ -18,7 +18,7 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 ACCELERATORS = ("auto", "cpu", "cuda")
 STRATEGIES = ("ddp", "trainer", "fabric")
-PARALLEL = ("ddp", "fsdp")
+PARALLEL = ("ddp", "fsdp", "hsdp")
 
 def one_of(default: str, choices: tuple[str, ...]) -> Any:
     """A schema field that must be one of `choices` (validate checks it)."""
@@ -72,8 +72,14 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = positive(5)
     precision: str = one_of("32-true", PRECISIONS)
-    # ddp: the whole model on every rank; fsdp: parameters, gradients, optimizer state sharded
+    # how the data-parallel dimension holds the model -- ddp: whole on every data-parallel rank; fsdp: parameters,
+    # gradients, optimizer state sharded over them; hsdp: train.replicate_size groups, sharded within each
     parallel: str = one_of("ddp", PARALLEL)
+    # ranks that split each of the first two Linear layers (Megatron tensor parallelism, docs/parallelism.md); the
+    # data-parallel size is the number of processes / train.tp_size. Must divide model.hidden[0] and the processes.
+    tp_size: int = positive(1)
+    # train.parallel=hsdp only: groups that each hold one sharded copy (replicas); must divide the data-parallel size
+    replicate_size: int | None = positive(None)
     accelerator: str = one_of("auto", ACCELERATORS)
     log_every_n_steps: int = positive(50)
     progress: bool = True  # progress bar on rank 0
@@ -151,7 +157,8 @@ TRAJECTORY_KEYS = (
 def identity(cfg: Config) -> dict[str, Any]:
     """What makes two runs the same run: the trajectory, how the model is held, and without
     data.global_batch_size the per-process batch the global batch is made of."""
-    out = {**trajectory(cfg), "train.parallel": cfg.train.parallel}
+    out = {**trajectory(cfg), "train.parallel": cfg.train.parallel, "train.tp_size": cfg.train.tp_size,
+           "train.replicate_size": cfg.train.replicate_size}
     if cfg.data.global_batch_size is None:
         out["data.batch_size"] = cfg.data.batch_size
         out["train.accumulate_grad_batches"] = cfg.train.accumulate_grad_batches
@@ -217,10 +224,39 @@ def validate(cfg: Config) -> None:
         raise DistMnistError(
             "train.precision=16-mixed needs CUDA (float16 autocast with a GradScaler); on CPU use bf16-mixed"
         )
-    if cfg.train.parallel == "fsdp" and cfg.train.precision == "16-mixed":
+    check_layout(cfg)
+    if cfg.train.parallel != "ddp" and cfg.train.precision == "16-mixed":
         raise DistMnistError(
-            "train.parallel=fsdp does not support train.precision=16-mixed (a gradient scaler over sharded "
-            "gradients); use bf16-mixed or 32-true"
+            f"train.parallel={cfg.train.parallel} does not support train.precision=16-mixed (a gradient scaler over "
+            "sharded gradients); use bf16-mixed or 32-true"
+        )
+
+
+def _divisors(n: int, limit: int = 64) -> str:
+    return ", ".join(str(d) for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def check_layout(cfg: Config) -> None:
+    """What the mesh degrees need whatever the number of processes (core.parallel.layout checks them against it):
+    train.tp_size splits model.hidden[0] (the column-parallel first layer's outputs, the row-parallel second
+    layer's inputs); train.replicate_size belongs to hsdp."""
+    tp, replicate, width = cfg.train.tp_size, cfg.train.replicate_size, cfg.model.hidden[0]
+    if width % tp:
+        raise DistMnistError(
+            f"train.tp_size={tp} does not divide the first hidden layer's width model.hidden[0]={width}: use "
+            f"train.tp_size={_divisors(width)}"
+        )
+    if tp > 1 and cfg.train.precision == "16-mixed":
+        raise DistMnistError("train.tp_size > 1 does not support train.precision=16-mixed; use bf16-mixed or 32-true")
+    if cfg.train.parallel == "hsdp" and replicate is None:
+        raise DistMnistError(
+            "train.parallel=hsdp needs train.replicate_size (how many groups each hold one sharded copy), e.g. "
+            "train.replicate_size=2"
+        )
+    if cfg.train.parallel != "hsdp" and replicate is not None:
+        raise DistMnistError(
+            f"train.replicate_size={replicate} applies to train.parallel=hsdp only (this run has "
+            f"train.parallel={cfg.train.parallel}); drop it or use train.parallel=hsdp"
         )
 
 

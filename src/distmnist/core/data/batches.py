@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from distmnist.core import dist
+from distmnist.core import dist, parallel
 from distmnist.core.config import Batching, Config, DataConfig, batching
 from distmnist.core.data.order import EpochOrder, eval_indices
 from distmnist.core.data.splits import load_split, to_float
@@ -114,12 +114,15 @@ class LoaderBatches(StepBatches):
 
 
 def train_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """This rank's training batches, one item per optimizer step (``micro_batches`` splits one)."""
+    """This rank's training batches, one item per optimizer step (``micro_batches`` splits one). The data follows
+    the mesh: the shard is the data-parallel coordinate's among the data-parallel size (the ranks of one
+    tensor-parallel group read the same batches)."""
     images, labels = split if split is not None else load_split(cfg.data, train=True)
-    b = batching(cfg, env.world_size)
+    lay = parallel.layout(cfg, env.world_size)
+    b, rank = batching(cfg, lay.dp), lay.dp_rank(env.rank)
     if cfg.data.loader == "resident":
-        return ResidentBatches(images, labels, b, EpochOrder(len(labels), b, env.rank, cfg.seed), env.device)
-    return LoaderBatches(images, labels, cfg.data, b, env.rank, cfg.seed, env.device)
+        return ResidentBatches(images, labels, b, EpochOrder(len(labels), b, rank, cfg.seed), env.device)
+    return LoaderBatches(images, labels, cfg.data, b, rank, cfg.seed, env.device)
 
 
 class EvalBatches:
@@ -136,6 +139,8 @@ class EvalBatches:
 
 
 def eval_batches(cfg: Config, env: dist.DistEnv, split: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """This rank's share of the test set over all ranks (every layout evaluates a whole model per rank:
+    ``parallel.gathered``), each image counted once."""
     images, labels = split if split is not None else load_split(cfg.data, train=False)
     idx = eval_indices(len(labels), env.world_size, env.rank)
     return EvalBatches(to_float(images[idx]).to(env.device), labels[idx].to(env.device), cfg.data.eval_batch_size)

@@ -35,7 +35,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from distmnist.core.dist import DistEnv
-from distmnist.core.errors import DistMnistError
+from distmnist.core.errors import DistMnistError, count
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 TP_DIMS = ("tp", "tensor_parallel")  # the tensor-parallel dimension in this mesh and in Lightning's
@@ -86,7 +86,7 @@ def layout(cfg, world_size: int) -> Layout:
     tp, kind = cfg.train.tp_size, cfg.train.parallel
     if world_size % tp:
         raise DistMnistError(
-            f"train.tp_size={tp} does not divide the {world_size} processes: use train.tp_size="
+            f"train.tp_size={tp} does not divide the {count(world_size, 'process', 'processes')}: use train.tp_size="
             f"{_fitting(world_size, cfg.model.hidden[0])} (sizes that divide {world_size} and model.hidden[0]), "
             f"or run a multiple of {tp} processes"
         )

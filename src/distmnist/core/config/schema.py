@@ -285,10 +285,13 @@ def batching(cfg: Config, world_size: int) -> Batching:
     b, acc, g = cfg.data.batch_size, cfg.train.accumulate_grad_batches, cfg.data.global_batch_size
     if g is None:
         return Batching(b, acc or 1, world_size, fixed=False)
+    tp = cfg.train.tp_size
+    procs = f"{world_size} processes" if tp == 1 else \
+        f"{world_size} data-parallel processes (the processes / train.tp_size={tp})"
     if g % world_size:
         fits = [w for w in range(1, min(g, 64) + 1) if g % w == 0]
         raise DistMnistError(
-            f"data.global_batch_size={g} cannot be split over {world_size} processes: run with a number of processes "
+            f"data.global_batch_size={g} cannot be split over {procs}: run with a number of processes "
             f"that divides it ({', '.join(map(str, fits))}), or choose a new run.dir with another global batch"
         )
     per_process = g // world_size
@@ -299,7 +302,7 @@ def batching(cfg: Config, world_size: int) -> Batching:
     sizes = [d for d in range(1, per_process + 1) if per_process % d == 0 and d <= b] or [per_process]
     hint = sizes[-1]
     raise DistMnistError(
-        f"data.global_batch_size={g} with {world_size} processes needs data.batch_size x "
+        f"data.global_batch_size={g} with {procs} needs data.batch_size x "
         f"train.accumulate_grad_batches = {per_process}, got {b} x {acc if acc is not None else '(derived)'}: "
         f"use data.batch_size={hint} train.accumulate_grad_batches={per_process // hint} (or null)"
     )

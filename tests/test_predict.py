@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 from procs import child_env
 
+from distmnist.core import checkpoint
 from distmnist.core.config import DataConfig
 from distmnist.core.data import CLASS_NAMES, load_split, to_float
 from distmnist.core.errors import DistMnistError
@@ -180,6 +181,10 @@ def test_text_output_and_class_names(fashion, image_files, tmp_path, capsys):
     for path, line in zip(paths, lines, strict=True):
         m = re.fullmatch(r"(.+): class (\d) \((.+)\) p=(0\.\d{3}|1\.000)", line)
         assert m and m[1] == path and m[3] == CLASS_NAMES["fashion-mnist"][int(m[2])], line
+    # the run dir and its end-of-epoch checkpoint (the same weights) give the same lines, named from its config
+    for given in (model_pt.parent, checkpoint.listing(model_pt.parent / "checkpoints")[0]):
+        same = run([*PREDICT_MODULE, "--model", str(given), *paths], cwd=root)
+        assert same.returncode == 0 and same.stdout == proc.stdout, (given, same.stderr)
     # without config.yaml: the index only; --classes names them
     bare = tmp_path / "model.pt"
     bare.write_bytes(model_pt.read_bytes())
@@ -216,15 +221,15 @@ def test_read_image_errors(tmp_path):
 
 
 def test_dataset_of_run(tmp_path):
-    assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    assert predict.dataset_of_run(tmp_path) is None
     (tmp_path / "config.yaml").write_text("# distmnist run: strategy=ddp world_size=1\ndata:\n  name: mnist\n")
-    assert predict.dataset_of_run(tmp_path / "model.pt") == "mnist"
+    assert predict.dataset_of_run(tmp_path) == "mnist"
     (tmp_path / "config.yaml").write_text("data:\n  name: synthetic\n")
-    assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    assert predict.dataset_of_run(tmp_path) is None
     (tmp_path / "config.yaml").write_text(": [ not yaml")
-    assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    assert predict.dataset_of_run(tmp_path) is None
     (tmp_path / "config.yaml").write_text("data: " + "[" * 2000)  # PyYAML recurses once per level
-    assert predict.dataset_of_run(tmp_path / "model.pt") is None
+    assert predict.dataset_of_run(tmp_path) is None
 
 
 def stroke(size=(300, 220), ink=255, paper=0, mode="L", box=(60, 30, 200, 190), width=14) -> Image.Image:

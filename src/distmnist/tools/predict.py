@@ -7,7 +7,8 @@
 Each image (PNG, JPEG, ... any size, colour or grey, with or without alpha, light or dark background) is made to
 look like a data set image by :func:`to_model_input`, then classified; one line per image:
 ``path: class <index> (<name>) p=<probability>``. Class names come from ``--classes`` or from the
-``config.yaml`` of the run dir next to model.pt; without either only the index is printed.
+``config.yaml`` of the run (``--model`` takes a run dir, its model.pt or any of its checkpoints, as ``evaluate``
+does); without either only the index is printed.
 
 Images of more than 4096x4096 pixels (16.8 Mpx) are refused from their header, before anything is decoded: a
 PNG of a few hundred kB can hold 13000x13000 pixels, GBs once decoded.
@@ -226,10 +227,10 @@ def _as_tensor(grey: np.ndarray) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------- prediction
-def dataset_of_run(model_path: str | Path) -> str | None:
-    """data.name from the config.yaml next to model.pt (mnist | fashion-mnist), None if unknown."""
+def dataset_of_run(run_dir: str | Path) -> str | None:
+    """data.name from the run dir's config.yaml (mnist | fashion-mnist), None if unknown."""
     try:
-        cfg = yaml.safe_load((Path(model_path).parent / "config.yaml").read_text())
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
         name = cfg["data"]["name"]
     except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, TypeError, KeyError):
         return None  # RecursionError: a config.yaml nested too deeply for PyYAML
@@ -270,17 +271,18 @@ def format_line(result: dict) -> str:
 @report_errors
 def main(argv: list[str] | None = None) -> int:
     from distmnist.core.args import Parser
-    from distmnist.core.model import load_model
+    from distmnist.tools.evaluate import find_weights, load_weights
 
     p = Parser(
         prog="distmnist predict",
         description="Classify image files (PNG, JPEG, ...; any size, colour or grey, light or dark background) "
         "with a trained model.pt.",
         epilog="Exit status: 0 if every image was classified; 2 if any could not be read (one line each on "
-        "stderr, the others are still classified) or --model is bad. Class names: --classes, else the config.yaml "
-        "next to model.pt, else the index only.",
+        "stderr, the others are still classified) or --model is bad. Class names: --classes, else the run's "
+        "config.yaml, else the index only.",
     )
-    p.add_argument("--model", required=True, help="model.pt of a run (runs/<name>/model.pt)")
+    p.add_argument("--model", required=True,
+                   help="a run dir (its model.pt, else its newest checkpoint), a model.pt or any checkpoint")
     p.add_argument("--classes", choices=sorted(CLASS_NAMES),
                    help="data set the model was trained on: class names and framing (default: from the run's "
                    "config.yaml)")
@@ -289,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     args = p.parse_args(argv)
 
-    model = load_model(args.model)
-    dataset = args.classes or dataset_of_run(args.model)
+    path, run_dir = find_weights(args.model)  # a run dir, its model.pt, or any checkpoint of it
+    model, _ = load_weights(path)
+    dataset = args.classes or dataset_of_run(run_dir)
     results = predict_files(model, args.images, dataset)
     for r in results:
         if "error" in r:

@@ -32,7 +32,8 @@ def test_bench_table_lists_every_row_and_round(bench):
     proc, out = bench
     assert "2 interleaved rounds" in proc.stdout
     rows = json.loads((out / "bench.json").read_text())
-    assert [r["row"] for r in rows] == ["tutorial", "tutorial-lightning", "ddp/resident", "ddp/dataloader"]
+    # no stock-ddp row at one process (DDP over one rank: the floor with a wrapper)
+    assert [r["row"] for r in rows] == ["tutorial", "tutorial-lightning", "floor", "ddp/resident", "ddp/dataloader"]
     for r in rows:
         assert r["row"] in proc.stdout
         assert len(r["epoch_s"]) == 2, r  # one timed epoch per round, the warm-up excluded
@@ -43,10 +44,36 @@ def test_bench_table_lists_every_row_and_round(bench):
     tutorial = by_row["tutorial"]["samples_per_sec"]
     assert by_row["tutorial"]["x_tutorial"] == pytest.approx(1.0)
     assert by_row["ddp/resident"]["x_tutorial"] == pytest.approx(by_row["ddp/resident"]["samples_per_sec"] / tutorial)
-    # the two loaders of one strategy compute the same numbers (same order, same arithmetic)
+    # the two loaders of one strategy compute the same numbers (same order, same arithmetic), and so does the floor's
+    # bare loop: the same initial weights, order and recipe -- it is the same training without the machinery
     assert by_row["ddp/resident"]["val_acc"] == by_row["ddp/dataloader"]["val_acc"]
+    assert by_row["floor"]["val_acc"] == pytest.approx(by_row["ddp/resident"]["val_acc"], abs=1e-6)
+    assert len(by_row["floor"]["epoch_s"]) == 2 and by_row["floor"]["world_size"] == 1
+    for r in rows:
+        assert r["t_floor"] == pytest.approx(r["s_per_epoch"] / by_row["floor"]["s_per_epoch"])
+        assert r["t_stock_ddp"] is None
+        assert f"{r['t_floor']:.2f}x" in next(ln for ln in proc.stdout.splitlines() if ln.startswith(r["row"] + " "))
     with open(out / "bench.csv") as f:
         assert [r["row"] for r in csv.DictReader(f)] == list(by_row)
+
+
+def test_stock_ddp_row_runs_the_bare_loop_at_the_bench_world_size(tmp_path):
+    """Stock DDP (the bare loop under torchrun, torch's default buckets) beside raw DDP at 2 processes: it trains the
+    same samples in the same order from the same weights, so it ends at raw DDP's accuracy."""
+    out = tmp_path / "b"
+    proc = ok(run_module(
+        "distmnist", "bench", "-c", "smoke", "--data", "synthetic", "--strategies", "ddp", "--loaders", "resident",
+        "--baselines", "stock-ddp", "--world-size", "2", "--out", str(out), cwd=tmp_path, timeout=240,
+    ))
+    rows = {r["row"]: r for r in json.loads((out / "bench.json").read_text())}
+    assert list(rows) == ["stock-ddp", "ddp/resident"]
+    assert [rows[r]["world_size"] for r in rows] == [2, 2]
+    assert rows["stock-ddp"]["samples_per_sec"] == pytest.approx(2048 / rows["stock-ddp"]["s_per_epoch"])
+    assert rows["stock-ddp"]["val_acc"] == pytest.approx(rows["ddp/resident"]["val_acc"], abs=1e-6)
+    for r in rows.values():
+        assert r["t_stock_ddp"] == pytest.approx(r["s_per_epoch"] / rows["stock-ddp"]["s_per_epoch"])
+        assert r["t_floor"] is None
+    assert "t/stock-ddp" in proc.stdout
 
 
 def test_time_to_accuracy_reports_the_epoch_it_was_reached(tmp_path):

@@ -77,7 +77,7 @@ def test_tensorboard_same_tags_steps_and_values(runs):
         for tag in ref:
             steps = [s for s, _ in ref[tag]]
             assert [s for s, _ in got[tag]] == steps, (name, tag)
-            if tag != "perf/samples_per_sec":
+            if not tag.startswith("perf/"):  # timings
                 assert got[tag] == ref[tag], (name, tag)
 
 

@@ -93,11 +93,12 @@ class NNModule(L.LightningModule):
 
 class MNISTData(L.LightningDataModule):
     """The shared batches: data-parallel rank r takes perm[r::D] of each epoch's global order (the ranks of a
-    tensor-parallel group the same); exact, unpadded evaluation."""
+    tensor-parallel group the same); exact, unpadded evaluation. The training batches go through `records.timed`:
+    the seconds spent waiting for them, in each epoch's record."""
 
-    def __init__(self, cfg: Config, env: DistEnv) -> None:
+    def __init__(self, cfg: Config, env: DistEnv, records: Records) -> None:
         super().__init__()
-        self.cfg, self.env = cfg, env
+        self.cfg, self.env, self.records = cfg, env, records
 
     def setup(self, stage: str) -> None:
         data.all_ensure_available(self.cfg.data, self.env)  # local rank 0 prepares (locked), the others wait
@@ -108,7 +109,8 @@ class MNISTData(L.LightningDataModule):
     def train_dataloader(self):
         # Lightning calls .sampler.set_epoch(epoch) on it each epoch; with accumulation it gets the micro-batches
         accumulate = self.trainer.accumulate_grad_batches
-        return data.MicroBatches(self.train_batches, accumulate) if accumulate > 1 else self.train_batches
+        batches = data.MicroBatches(self.train_batches, accumulate) if accumulate > 1 else self.train_batches
+        return self.records.timed(batches)
 
     def val_dataloader(self):
         return self.eval_batches
@@ -269,7 +271,7 @@ def train(cfg: Config) -> dict:
             records.say(f"resuming from {found}", always=True)
         cadence.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)
         with run.removed_if_refused():
-            trainer.fit(module, datamodule=MNISTData(cfg, env), ckpt_path=found)
+            trainer.fit(module, datamodule=MNISTData(cfg, env, records), ckpt_path=found)
         cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
         summary = records.all_finish(module.model, state)
         dist.barrier()

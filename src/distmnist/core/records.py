@@ -1,5 +1,6 @@
 """What a run records, in one format for every strategy (rank 0 writes): the console lines and progress bar,
-TensorBoard (the ``tblog`` schema), the per-epoch history, and at the end ``model.pt`` and ``metrics.json``.
+TensorBoard (the ``tblog`` schema), the per-epoch history with its throughput figures (``throughput``: FLOP/s, MFU,
+data wait), and at the end ``model.pt`` and ``metrics.json``; with ``train.profile`` a trace per rank (``profiler``).
 
 Where these files live is ``run.py``; every file is written atomically.
 """
@@ -19,6 +20,7 @@ from distmnist.core.data import CLASS_NAMES
 from distmnist.core.errors import count
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
+from distmnist.core.throughput import DataWait, Throughput, WaitedBatches
 
 
 class Records:
@@ -33,6 +35,12 @@ class Records:
         self._last_log = (self.started, 0)
         self.bar: tqdm | None = None
         self.watched: tuple[int, torch.optim.Optimizer] | None = None
+        # the FLOPs of one optimizer step, counted once now (meta tensors), and the peak for MFU
+        self.throughput = Throughput(self.cfg.model.hidden, self.batching.batch_size, self.batching.global_batch,
+                                     self.env.world_size, self.env.device, self.cfg.train.precision,
+                                     self.cfg.train.peak_flops)
+        self.wait = DataWait()  # seconds of this epoch spent waiting for the training batches
+        self.profiler = None  # train.profile: the StepProfiler, until its window is over
 
     def start(self, samples: tuple[torch.Tensor, torch.Tensor], writer=None, fresh: bool = True) -> None:
         """Once the data is there: rank 0 writes config.yaml and opens TensorBoard (through `writer` if given,
@@ -61,6 +69,7 @@ class Records:
         """The ``"distmnist"`` entry of a checkpoint at `state` (the clocks read now)."""
         state.elapsed_s = self.elapsed()
         state.epoch_train_s = self.epoch_seconds() if state.step_in_epoch else 0.0
+        state.epoch_wait_s = self.wait.seconds if state.step_in_epoch else 0.0
         return self.run.meta(state, self.history)
 
     def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -76,6 +85,11 @@ class Records:
         self.started = time.perf_counter()
         state.global_batch = self.batching.global_batch  # the same as the checkpoint's (run.py checks)
         self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
+        if self.cfg.train.profile:  # every rank its own trace
+            from distmnist.core.profiler import StepProfiler
+
+            self.profiler = StepProfiler(self.run.path / "profile", self.env.rank, self.env.device,
+                                         self.cfg.train.profile_wait, self.cfg.train.profile_steps)
         if state.epoch >= self.cfg.train.epochs:
             if self.cfg.optim.schedule == "constant":  # the schedule does not depend on the length: it continues
                 more = f"train.epochs={state.epoch + 1} or more continues it"
@@ -88,8 +102,9 @@ class Records:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def begin_epoch(self, state: TrainState) -> None:
-        """The epoch's training clock (continued from a mid-epoch checkpoint)."""
+        """The epoch's training clock and data-wait clock (continued from a mid-epoch checkpoint)."""
         self.epoch_started = time.perf_counter() - state.epoch_train_s
+        self.wait.seconds = state.epoch_wait_s
 
     def epoch_seconds(self, sync: bool = False) -> float:
         """Training seconds of this epoch so far (`sync`: after the device has finished its queued work)."""
@@ -107,21 +122,29 @@ class Records:
     def show_progress(self) -> bool:
         return self.env.is_zero and self.cfg.train.progress and not self.cfg.train.quiet
 
+    def timed(self, batches) -> WaitedBatches:
+        """`batches` with the time spent waiting for each one counted (the Trainer's loop iterates them)."""
+        return WaitedBatches(batches, self.wait)
+
     def progress(self, batches: Iterable, state: TrainState) -> Iterator:
-        """`batches` with a progress bar on rank 0 (raw DDP and Fabric; the Trainer has Lightning's)."""
+        """`batches` with a progress bar on rank 0 and the wait for each one counted (raw DDP and Fabric; the
+        Trainer has Lightning's bar and :meth:`timed`)."""
         desc = f"epoch {state.epoch + 1}/{self.cfg.train.epochs}"
         self.bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=desc,
                         disable=not self.show_progress, unit="step", mininterval=0.5, leave=False, dynamic_ncols=True)
         try:
-            for batch in batches:
+            for batch in self.wait.timed(batches):
                 yield batch
                 self.bar.update()
         finally:
             self.bar.close()
 
     def log_step(self, global_step: int, loss: torch.Tensor, lr: float, scale: int = 1) -> dict[str, float]:
-        """Every train.log_every_n_steps steps (else nothing): train/loss (`loss` x `scale`) and lr to TensorBoard,
-        the one host sync of the step path (rank 0 only). Returns the loss and the samples/s since the previous call."""
+        """After every optimizer step, on every rank: the profiler's step (train.profile, within its window); every
+        train.log_every_n_steps steps (else nothing more): train/loss (`loss` x `scale`) and lr to TensorBoard, the
+        one host sync of the step path (rank 0 only). Returns the loss and the samples/s since the previous call."""
+        if self.profiler is not None and not self.profiler.step():
+            self.profiler = None
         if global_step % self.cfg.train.log_every_n_steps or not self.env.is_zero:
             return {}
         value = float(loss.detach() * scale if scale != 1 else loss.detach())  # the product in the loss's dtype
@@ -146,6 +169,7 @@ class Records:
             **val,
             "epoch_s": train_s,
             "samples_per_sec": train["train_samples"] / train_s if train_s > 0 else float("nan"),
+            **self.throughput.epoch(train["train_samples"], train_s, self.wait.seconds),  # rank 0's data wait
             "wall_s": self.elapsed(),
         }
         if self.watched is not None:
@@ -160,7 +184,10 @@ class Records:
                 f"train_loss {record['train_loss']:.4f} train_acc {record['train_acc']:.4f} "
                 f"val_loss {record['val_loss']:.4f} val_acc {record['val_acc']:.4f} "
                 f"({record['val_samples']} test samples) {record['samples_per_sec']:.0f} samples/s "
-                f"{train_s:.2f} s" + (f" state {record['state_mb']:.2f} MB/rank" if "state_mb" in record else "")
+                f"{train_s:.2f} s {record['flops_per_sec'] / 1e9:.2f} GFLOP/s"
+                + (f" MFU {record['mfu']:.2%}" if "mfu" in record else "")
+                + f" data wait {record['data_wait_share']:.0%}"
+                + (f" state {record['state_mb']:.2f} MB/rank" if "state_mb" in record else "")
                 + (f" peak {record['peak_mem_mb']:.0f} MB" if "peak_mem_mb" in record else "")
             )
         return record
@@ -193,6 +220,7 @@ class Records:
             "train_loss": last.get("train_loss"),
             "train_acc": last.get("train_acc"),
             "train_samples_per_sec": samples / train_s if train_s > 0 else None,
+            **self.throughput.summary(samples, train_s, sum(r.get("data_wait_s", 0.0) for r in self.history)),
             **{k: last[k] for k in ("param_mb", "grad_mb", "optim_mb", "state_mb", "peak_mem_mb") if k in last},
             "wall_s": self.elapsed(),
             "status": "done",
@@ -207,7 +235,10 @@ class Records:
         self.tb.close()
 
     def all_finish(self, model: torch.nn.Module, state: TrainState) -> dict[str, Any]:
-        """model.pt and metrics.json, written by rank 0."""
+        """model.pt and metrics.json, written by rank 0 (and the profiler stopped, if its window is still open)."""
+        if self.profiler is not None:
+            self.profiler.stop()
+            self.profiler = None
         summary = self.summary(state.global_step)
         weights = parallel.full_state_dict(model)  # FSDP: gathered once, here (a collective), onto rank 0
         if self.env.is_zero:

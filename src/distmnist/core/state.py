@@ -22,6 +22,7 @@ class TrainState:
     global_batch: int = 0
     samples_in_epoch: int = 0  # samples of the epoch's padded permutation consumed: step_in_epoch x global_batch
     epoch_train_s: float = 0.0  # training seconds of `epoch` so far (a mid-epoch checkpoint continues the clock)
+    epoch_wait_s: float = 0.0  # of them, seconds rank 0 waited for its training batches
     elapsed_s: float = 0.0  # wall seconds of the run so far, over all its restarts
     tally: list[float] | None = None  # the epoch's training sums so far (loss, correct, count), reduced over ranks
 
@@ -34,7 +35,8 @@ class TrainState:
     def next_epoch(self) -> None:
         """`epoch` finished: the position is the start of the next one."""
         self.epoch += 1
-        self.step_in_epoch, self.samples_in_epoch, self.epoch_train_s, self.tally = 0, 0, 0.0, None
+        self.step_in_epoch, self.samples_in_epoch, self.tally = 0, 0, None
+        self.epoch_train_s = self.epoch_wait_s = 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,6 +5,9 @@
     train/acc             once per epoch (at the step that ends the epoch)
     val/loss, val/acc     once per epoch
     perf/samples_per_sec  once per epoch (global samples / training seconds of that epoch)
+    perf/flops_per_sec    once per epoch: FLOPs of the epoch's steps (counted once, core/throughput.py) / seconds
+    perf/mfu              once per epoch, where a peak is known (train.peak_flops, or a known GPU): FLOP/s / peak
+    perf/data_wait_share  once per epoch: rank 0's seconds waiting for training batches / training seconds
     perf/peak_mem_mb      once per epoch, on CUDA: peak memory allocated on rank 0's GPU
     val/confusion_matrix  picture, once per epoch (true class x predicted class, all ranks' test samples)
     val/misclassified     picture, once per epoch: rank 0's first misclassified test images, predicted / true
@@ -24,9 +27,11 @@ import numpy as np  # torch only where a picture needs it: `distmnist compare` r
 
 TAG_LOSS, TAG_LR = "train/loss", "lr"
 TAG_TRAIN_ACC, TAG_VAL_LOSS, TAG_VAL_ACC, TAG_SPEED = "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"
+TAG_FLOPS, TAG_DATA_WAIT = "perf/flops_per_sec", "perf/data_wait_share"
 TAG_PEAK_MEM = "perf/peak_mem_mb"  # CUDA only
+TAG_MFU = "perf/mfu"  # where a peak is known
 TAGS_STEP = (TAG_LOSS, TAG_LR)
-TAGS_EPOCH = (TAG_TRAIN_ACC, TAG_VAL_LOSS, TAG_VAL_ACC, TAG_SPEED)
+TAGS_EPOCH = (TAG_TRAIN_ACC, TAG_VAL_LOSS, TAG_VAL_ACC, TAG_SPEED, TAG_FLOPS, TAG_DATA_WAIT)
 TAGS = TAGS_STEP + TAGS_EPOCH
 FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG = "data/samples", "val/confusion_matrix", "val/misclassified"
 FIGURES = (FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG)
@@ -57,6 +62,10 @@ class TBLog:
         self.writer.add_scalar(TAG_VAL_LOSS, record["val_loss"], global_step)
         self.writer.add_scalar(TAG_VAL_ACC, record["val_acc"], global_step)
         self.writer.add_scalar(TAG_SPEED, record["samples_per_sec"], global_step)
+        self.writer.add_scalar(TAG_FLOPS, record["flops_per_sec"], global_step)
+        self.writer.add_scalar(TAG_DATA_WAIT, record["data_wait_share"], global_step)
+        if record.get("mfu") is not None:
+            self.writer.add_scalar(TAG_MFU, record["mfu"], global_step)
         if record.get("peak_mem_mb") is not None:
             self.writer.add_scalar(TAG_PEAK_MEM, record["peak_mem_mb"], global_step)
         if record.get("confusion") is not None:

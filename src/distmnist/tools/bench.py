@@ -12,6 +12,11 @@ Rows:
   forward / loss / backward / step / zero_grad, ``loss.item()`` every 100 batches; the baseline of the ratios;
 * ``tutorial-lightning``: the Lightning introduction -- a LightningModule with ``self.log`` of the loss every step,
   the same DataLoader, a default ``Trainer`` (progress bar, logger, checkpointing);
+* ``floor``: the same model, initial weights and recipe in a bare eager loop over resident tensors, one process, no
+  metrics, no logging (``tools/bare_loop.py``, only torch): what this machine can do; column ``t/floor`` is each
+  row's s/epoch over it (at ``--world-size`` W > 1 the strategy rows' processes train 1/W of the epoch each);
+* ``stock-ddp`` (``--world-size`` > 1 only): the same bare loop under torchrun at the bench's world size, the model in
+  ``DistributedDataParallel`` with torch's default buckets, as the tutorials write it; column ``t/stock-ddp``;
 * each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several);
   with ``--parallel ddp,fsdp`` each strategy also sharded (rows ``<strategy>-fsdp/<loader>``, ``train.parallel=fsdp``).
   MB/rank: parameters + gradients + optimizer state held by each process (metrics.json's ``state_mb``).
@@ -42,14 +47,15 @@ import torch
 import torch.nn.functional as F
 
 from distmnist.core import data
-from distmnist.core.config import PARALLEL, STRATEGIES, Config, load_config
+from distmnist.core.config import PARALLEL, STRATEGIES, Config, batching, load_config
 from distmnist.core.dist import pick_device
 from distmnist.core.errors import DistMnistError, report_errors
 from distmnist.core.model import build_model, build_optimizer
 from distmnist.tools.table import text_table
 
 COLUMNS = ("row", "strategy", "parallel", "loader", "world_size", "precision", "device", "s_per_epoch",
-           "samples_per_sec", "x_tutorial", "x_tutorial_lightning", "val_acc", "state_mb")
+           "samples_per_sec", "x_tutorial", "x_tutorial_lightning", "t_floor", "t_stock_ddp", "val_acc", "state_mb")
+BARE_LOOP = Path(__file__).with_name("bare_loop.py")  # the floor and stock-ddp rows: a script of torch alone
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -152,6 +158,29 @@ def run_tutorial_lightning(cfg: Config, epochs: int, warmup: int) -> dict:
             "val_acc": float(trainer.callback_metrics["val_acc"]), "device": device.type}
 
 
+def run_bare(cfg: Config, args, world_size: int, tmp: Path) -> dict:
+    """tools/bare_loop.py on the config's data and recipe: one process (the floor) or torchrun (stock DDP)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    split = tmp / "split.pt"  # the very samples the strategy rows train on (synthetic, train_samples...)
+    torch.save({"train": data.load_split(cfg.data, True), "test": data.load_split(cfg.data, False)}, split)
+    o, step_batch = cfg.optim, batching(cfg, world_size).step_batch  # one optimizer step's samples per process
+    script = [str(BARE_LOOP), "--data", str(split), "--out", str(tmp / "times.json"),
+              "--epochs", str(args.warmup_epochs + args.epochs), "--batch-size", str(step_batch),
+              "--hidden", ",".join(map(str, cfg.model.hidden)), "--optimizer", o.name, "--lr", str(o.lr),
+              "--momentum", str(o.momentum), "--weight-decay", str(o.weight_decay), "--schedule", o.schedule,
+              "--precision", cfg.train.precision, "--device", pick_device(cfg.train.accelerator).type,
+              "--seed", str(cfg.seed)]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    cmd = [sys.executable, *(launcher if world_size > 1 else []), *script]
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if world_size > 1 else {})}  # as run_strategy
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise DistMnistError(f"bench: {BARE_LOOP.name} failed (exit {proc.returncode}): {tail}")
+    result = json.loads((tmp / "times.json").read_text())
+    return {**result, "times": result["times"][args.warmup_epochs:]}
+
+
 # ------------------------------------------------------------------------------------------ strategies
 def run_strategy(strategy: str, cfg_args: list[str], world_size: int, run_dir: Path, timeout: float) -> dict:
     """One strategy as real processes; its metrics.json history gives the epoch times."""
@@ -219,7 +248,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--strategies", default=",".join(STRATEGIES))
     p.add_argument("--loaders", default="resident,dataloader")
     p.add_argument("--parallel", default="ddp", help="ddp | fsdp | ddp,fsdp: train.parallel of the strategy rows")
-    p.add_argument("--baselines", default="tutorial,tutorial-lightning")
+    p.add_argument("--baselines", default="tutorial,tutorial-lightning,floor,stock-ddp",
+                   help="rows besides the strategies' (stock-ddp only with --world-size > 1)")
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--time-to-acc", type=float, help="report seconds until val_acc first reaches this")
     p.add_argument("--out", default="bench", help="folder for bench.json and bench.csv (default: bench/)")
@@ -243,11 +273,12 @@ def bench_config(args) -> tuple[Config, list[str]]:
 
 def format_table(rows: list[dict]) -> str:
     head = ["row", "world", "precision", "device", "s/epoch", "(min-max)", "samples/s", "x tutorial",
-            "x tut-Lightning", "val_acc", "MB/rank"]
+            "x tut-Lightning", "t/floor", "t/stock-ddp", "val_acc", "MB/rank"]
     return text_table(head, [[
         r["row"], str(r["world_size"]), r["precision"], r["device"], f"{r['s_per_epoch']:.3f}",
         f"({min(r['epoch_s']):.3f}-{max(r['epoch_s']):.3f})",
         f"{r['samples_per_sec']:,.0f}", _ratio(r.get("x_tutorial")), _ratio(r.get("x_tutorial_lightning")),
+        _ratio(r.get("t_floor")), _ratio(r.get("t_stock_ddp")),
         f"{r['val_acc']:.4f}", "" if r.get("state_mb") is None else f"{r['state_mb']:.2f}",
     ] for r in rows], left=1)
 
@@ -299,11 +330,15 @@ def main(argv: list[str] | None = None) -> int:
 
     common = {"precision": cfg.train.precision}
     baselines = {"tutorial": run_tutorial, "tutorial-lightning": run_tutorial_lightning}
+    bare = {"floor": 1, "stock-ddp": args.world_size}  # tools/bare_loop.py: one process, or torchrun with DDP
     jobs = []  # (row, strategy, loader, world size, run() -> times, samples, val_acc, device)
     for name in filter(None, args.baselines.split(",")):
-        if name not in baselines:
-            raise DistMnistError(f"bench: unknown baseline {name!r}; choose from {', '.join(baselines)}")
-        jobs.append((name, name, "torchvision", 1, lambda tmp, f=baselines[name]: quiet(f, cfg, args)))
+        if name not in baselines and name not in bare:
+            raise DistMnistError(f"bench: unknown baseline {name!r}; choose from {', '.join([*baselines, *bare])}")
+        if name in baselines:
+            jobs.append((name, name, "torchvision", 1, lambda tmp, f=baselines[name]: quiet(f, cfg, args)))
+        elif name == "floor" or args.world_size > 1:
+            jobs.append((name, name, "resident", bare[name], lambda tmp, w=bare[name]: run_bare(cfg, args, w, tmp)))
     for parallel in filter(None, args.parallel.split(",")):
         if parallel not in PARALLEL[:2]:  # hsdp and train.tp_size rows: not yet (they need their mesh sizes)
             raise DistMnistError(f"bench: unknown --parallel {parallel!r}; choose from {', '.join(PARALLEL[:2])}")
@@ -329,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                      "device": runs[0]["device"], **timing([t for r in runs for t in r["times"]], runs[0]["samples"]),
                      "val_acc": runs[-1]["val_acc"], "state_mb": runs[-1].get("state_mb")})
     base = {r["row"]: r["samples_per_sec"] for r in rows if r["row"] in baselines}
+    bare_s = {r["row"]: r["s_per_epoch"] for r in rows if r["row"] in bare}
     for r in rows:
         r["x_tutorial"] = r["samples_per_sec"] / base["tutorial"] if "tutorial" in base else None
         r["x_tutorial_lightning"] = (r["samples_per_sec"] / base["tutorial-lightning"]
                                      if "tutorial-lightning" in base else None)
+        r["t_floor"] = r["s_per_epoch"] / bare_s["floor"] if "floor" in bare_s else None  # time: > 1 is slower
+        r["t_stock_ddp"] = r["s_per_epoch"] / bare_s["stock-ddp"] if "stock-ddp" in bare_s else None
     print(f"distmnist bench: {cfg.data.name}, batch {cfg.data.batch_size} per process, {args.epochs} timed epoch(s) "
           f"after {args.warmup_epochs} warm-up epoch(s) (excluded), recipe {args.config}"
           + (f", {args.repeats} interleaved rounds (median over all)" if args.repeats > 1 else ""))

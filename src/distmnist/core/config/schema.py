@@ -87,6 +87,13 @@ class TrainConfig:
     cuda_graphs: bool = True  # one process on a CUDA device: replay the step from a CUDA graph (Trainer: 32-true)
     # micro-batches per optimizer step (Lightning's name); null: 1, or derived from data.global_batch_size
     accumulate_grad_batches: int | None = positive(None)
+    # peak FLOP/s of one device at the run's precision, for MFU; null: the datasheet peak of a known GPU (H100,
+    # H200), else no MFU
+    peak_flops: float | None = positive(None)
+    # a torch.profiler trace per rank under <run.dir>/profile/ (Chrome JSON), of a window of optimizer steps
+    profile: bool = False
+    profile_wait: int = positive(5, zero=True)  # optimizer steps not recorded first (then one warm-up step)
+    profile_steps: int = positive(5)  # optimizer steps recorded
 
 
 @dataclass

@@ -73,15 +73,17 @@ class NNModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         # FSDP: weights gathered once, not per batch (batch counts differ); TP: a plain copy of the full weights
-        self.whole = parallel.gathered(self.model)
-        self.evaluated = self.whole.__enter__()
+        # a tuple, not a module attribute: the model it holds must not join the checkpoint's state_dict
+        whole = parallel.gathered(self.model)
+        self.evaluating = (whole, whole.__enter__())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_metrics.update(self.evaluated(x), y, x)
+        self.val_metrics.update(self.evaluating[1](x), y, x)
 
     def on_validation_epoch_end(self) -> None:
-        self.whole.__exit__(None, None, None)
+        self.evaluating[0].__exit__(None, None, None)
+        del self.evaluating
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg.optim, self.model.parameters())

@@ -174,9 +174,10 @@ class RunDir:
         if theirs_g is None and isinstance(theirs_w, int):
             theirs_g = meta.get("trajectory", {}).get("data.batch_size", 0) * theirs_w
         mine = self.batching
+        procs = "processes" if self.layout.tp == 1 else "data-parallel processes"
         if theirs_w != self.layout.dp and not mine.fixed:
             raise DistMnistError(
-                f"run.dir {self.path} was written by {theirs_w} data-parallel processes and this job has "
+                f"run.dir {self.path} was written by {theirs_w} {procs} and this job has "
                 f"{self.layout.dp}: "
                 f"the run was started without data.global_batch_size, so its order of samples depends on the number "
                 f"of processes; resume it with {theirs_w}, or start a new run.dir with data.global_batch_size set"
@@ -186,7 +187,7 @@ class RunDir:
                    f"{theirs_w} processes x data.batch_size x train.accumulate_grad_batches = {theirs_g}")
             raise DistMnistError(
                 f"run.dir {self.path} holds a run with another config (global batch: {theirs_g} -> "
-                f"{mine.global_batch} with {self.layout.dp} data-parallel processes x "
+                f"{mine.global_batch} with {self.layout.dp} {procs} x "
                 f"data.batch_size={mine.batch_size} x train.accumulate_grad_batches={mine.accumulate}); resume it with "
                 f"{fix}, or choose a new run.dir"
             )

@@ -393,3 +393,12 @@ def test_run_config_yaml_loads_back_as_a_config(cli, job):
     from distmnist.core.config import load_config
 
     assert load_config(run_dir / "config.yaml") == load_config("smoke", [f"run.dir={run_dir}"])
+
+
+def test_every_bench_option_with_a_default_says_it_in_help():
+    """`distmnist bench --help` shows what each option is when it is not given."""
+    from distmnist.tools.bench import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            assert "default" in (action.help or ""), action.option_strings

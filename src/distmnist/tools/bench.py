@@ -230,7 +230,7 @@ def quiet(baseline: Callable[[Config, int, int], dict], cfg: Config, args) -> di
 
 
 # ------------------------------------------------------------------------------------------------ main
-def parse_args(argv: list[str] | None):
+def build_parser():
     from distmnist.core.args import Parser
 
     p = Parser(prog="distmnist bench", description=__doc__.split("\n\n")[0])
@@ -239,23 +239,28 @@ def parse_args(argv: list[str] | None):
                                   "the config's for --time-to-acc)")
     p.add_argument("--data-root", help="default: the config's data.root")
     p.add_argument("--batch-size", type=int, help="per process (default: the config's)")
-    p.add_argument("--epochs", type=int, default=1, help="timed epochs")
+    p.add_argument("--epochs", type=int, default=1, help="timed epochs (default 1)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first (default 1)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all rows, interleaved; s/epoch is the median over all rounds (default 1)")
     p.add_argument("--precision", help="default: the config's")
     p.add_argument("--accelerator", help="default: the config's")
-    p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--loaders", default="resident,dataloader")
-    p.add_argument("--parallel", default="ddp", help="ddp | fsdp | ddp,fsdp: train.parallel of the strategy rows")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default: {','.join(STRATEGIES)}")
+    p.add_argument("--loaders", default="resident,dataloader", help="default: resident,dataloader")
+    p.add_argument("--parallel", default="ddp",
+                   help="ddp | fsdp | ddp,fsdp: train.parallel of the strategy rows (default: ddp)")
     p.add_argument("--baselines", default="tutorial,tutorial-lightning,floor,stock-ddp",
-                   help="rows besides the strategies' (stock-ddp only with --world-size > 1)")
-    p.add_argument("--world-size", type=int, default=1)
+                   help="rows besides the strategies' (stock-ddp only with --world-size > 1; default: all four)")
+    p.add_argument("--world-size", type=int, default=1, help="processes per strategy row (default 1)")
     p.add_argument("--time-to-acc", type=float, help="report seconds until val_acc first reaches this")
     p.add_argument("--out", default="bench", help="folder for bench.json and bench.csv (default: bench/)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per run (default 1800)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides for every row")
+    return p
+
+
+def parse_args(argv: list[str] | None):
+    return build_parser().parse_args(argv)
 
 
 def bench_config(args) -> tuple[Config, list[str]]:

@@ -136,7 +136,7 @@ def assert_resumed_exactly(run_dir: Path, reference: Path, tolerance: float) -> 
     assert got["global_batch_size"] == want["global_batch_size"], (got["global_batch_size"], want["global_batch_size"])
     for key in ("epoch", "global_step", "train_samples", "val_samples"):
         assert [h[key] for h in got["history"]] == [h[key] for h in want["history"]], key
-    lrs = [tblog.read_scalars(Path(d) / "tb", tags=["lr"])["lr"] for d in (run_dir, reference)]
+    lrs = [tblog.read_scalars(Path(d), tags=["lr"])["lr"] for d in (run_dir, reference)]
     assert lrs[0] == lrs[1] and lrs[0], "the learning rates logged differ"
     diff = max_abs_diff(weights(run_dir), weights(reference))
     assert diff <= tolerance, f"max |weight difference| {diff:.3g} > {tolerance}"

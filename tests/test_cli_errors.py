@@ -348,7 +348,7 @@ def test_smoke_training_writes_the_run_dir(cli, job):
     saved = yaml.safe_load(text)
     assert saved["data"]["name"] == "synthetic"
     assert saved["run"]["dir"] == str(run_dir)
-    assert list((run_dir / "tb").rglob("events.out.tfevents.*")), "no TensorBoard event file under tb/"
+    assert list(run_dir.rglob("events.out.tfevents.*")), "no TensorBoard event file in the run dir"
     from distmnist.core.model import hidden_from_state_dict
 
     assert hidden_from_state_dict(torch.load(run_dir / "model.pt", weights_only=True)) == [128, 128]
@@ -360,7 +360,7 @@ def test_smoke_tensorboard_tags(cli, job):
     run_dir, _ = smoke_outputs(cli, job)
     from distmnist.core.tblog import read_scalars
 
-    scalars = read_scalars(run_dir / "tb")
+    scalars = read_scalars(run_dir)
     for tag in ("train/loss", "lr", "train/acc", "val/loss", "val/acc", "perf/samples_per_sec"):
         assert tag in scalars, tag
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -145,7 +145,7 @@ def test_unfinished_run_is_read_from_its_events(runs: Path, tmp_path: Path):
     assert cells[9] == "-"  # s/epoch is not in the events
     assert float(cells[10].replace(",", "")) == pytest.approx(m["train_samples_per_sec"], rel=1e-3)
     check_png(out)
-    val_acc = tblog.read_scalars(tmp_path / "b" / "tb")["val/acc"]
+    val_acc = tblog.read_scalars(tmp_path / "b")["val/acc"]
     running = compare.load_run(str(tmp_path / "b"))
     assert running.status == "running" and running.by_step == val_acc
     assert [t for t, _ in running.by_wall] == sorted(t for t, _ in running.by_wall)

@@ -67,12 +67,12 @@ def test_metrics_json_same_numbers_and_shape(runs):
 
 
 def test_tensorboard_same_tags_steps_and_values(runs):
-    ref = tblog.read_scalars(runs["ddp"][0] / "tb")
+    ref = tblog.read_scalars(runs["ddp"][0])
     assert set(ref) == set(tblog.TAGS)
     assert [s for s, _ in ref["train/loss"]] == list(range(10, 65, 10))  # log_every_n_steps=10 in smoke.yaml
     assert [s for s, _ in ref["val/acc"]] == [32, 64]
     for name in ("trainer", "fabric"):
-        got = tblog.read_scalars(runs[name][0] / "tb")
+        got = tblog.read_scalars(runs[name][0])
         assert set(got) == set(ref), name
         for tag in ref:
             steps = [s for s, _ in ref[tag]]
@@ -86,7 +86,7 @@ def test_hparams_recorded_once(runs):
 
     for name in STRATEGIES:
         sessions = 0
-        for f in (runs[name][0] / "tb").glob("events.out.tfevents.*"):
+        for f in runs[name][0].glob("events.out.tfevents.*"):
             for event in EventFileLoader(str(f)).Load():
                 for value in event.summary.value:
                     plugin = value.metadata.plugin_data.plugin_name
@@ -152,7 +152,7 @@ def test_trainer_step_inside_training_step_equals_raw_ddp(one_rank, tmp_path):
     assert same_weights(weights(run_dir), weights(one_rank))
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "global_step"):
         assert m[key] == ref[key], key
-    got, want = tblog.read_scalars(run_dir / "tb"), tblog.read_scalars(one_rank / "tb")
+    got, want = tblog.read_scalars(run_dir), tblog.read_scalars(one_rank)
     assert got["train/loss"] == want["train/loss"]
 
 
@@ -258,7 +258,7 @@ def test_tensorboard_figures_in_every_strategy(runs):
 
     for name in STRATEGIES:
         steps: dict[str, list[int]] = {}
-        for f in (runs[name][0] / "tb").glob("events.out.tfevents.*"):
+        for f in runs[name][0].glob("events.out.tfevents.*"):
             acc = EventAccumulator(str(f), size_guidance={"images": 0})
             acc.Reload()
             for tag in acc.Tags()["images"]:

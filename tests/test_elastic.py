@@ -42,7 +42,7 @@ TOLERANCE = 1e-5
 
 
 def learning_rates(run_dir: Path) -> list[tuple[int, float]]:
-    return tblog.read_scalars(run_dir / "tb", tags=["lr"])["lr"]
+    return tblog.read_scalars(run_dir, tags=["lr"])["lr"]
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,7 @@ def test_sbatch_trains_with_two_cpu_processes(strategy_jobs, strategy):
     assert (m["strategy"], m["world_size"], m["num_nodes"], m["epochs"]) == (strategy, 2, 1, 2), m
     assert m["global_step"] == 64 and m["val_acc"] > 0.9, m
     assert (job.run_dir / "model.pt").is_file()
-    scalars = tblog.read_scalars(job.run_dir / "tb")
+    scalars = tblog.read_scalars(job.run_dir)
     assert TAGS <= set(scalars), sorted(scalars)
     assert [step for step, _ in scalars["val/acc"]] == [32, 64]
 

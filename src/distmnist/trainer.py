@@ -248,7 +248,7 @@ def train(cfg: Config) -> dict:
             precision=cfg.train.precision,
             max_epochs=cfg.train.epochs,
             accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
-            logger=internals.RunLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False),
+            logger=internals.RunLogger(save_dir=str(run.tb_dir), name="", version="", default_hp_metric=False),
             callbacks=[
                 run_records := RunRecords(records, state, fresh=found is None),
                 RunCheckpoints(run, records, state, cadence),

@@ -53,8 +53,10 @@ class Records:
         self.run.write_config()
         self.tb = tblog.TBLog(writer if writer is not None else tblog.open_writer(self.run.tb_dir))
         if fresh:
-            run_keys = {"strategy": self.strategy, "world_size": self.env.world_size}
-            self.tb.hparams({**config.flat_dict(self.cfg), **run_keys})
+            flat = config.flat_dict(self.cfg)
+            run_keys = {"strategy": self.strategy, "world_size": self.env.world_size,
+                        "global_batch": self.batching.global_batch}
+            self.tb.hparams({**{k: flat[k] for k in tblog.HPARAM_KEYS}, **run_keys})
             self.tb.samples(samples[0][:32], samples[1][:32], CLASS_NAMES[self.cfg.data.name])
 
     def resume(self, meta: dict[str, Any]) -> TrainState:

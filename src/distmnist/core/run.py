@@ -1,7 +1,8 @@
 """Where a run lives, whose it is, and which checkpoint resumes it.
 
     runs/<name>/config.yaml     resolved config + strategy (written when the run starts)
-    runs/<name>/tb/             TensorBoard events (tblog schema)
+    runs/<name>/events.out.tfevents.*   TensorBoard events (tblog schema), in the run dir itself: `tensorboard
+                                 --logdir runs` names the run `<name>` (a run begun with a tb/ folder keeps it)
     runs/<name>/checkpoints/    step=<global step>.ckpt, newest `checkpoint.keep` kept
     runs/<name>/model.pt        final NNModel state_dict (same format from all strategies)
     runs/<name>/metrics.json    final numbers + per-epoch history
@@ -34,6 +35,14 @@ def run_strategy(config_file: str | Path) -> str | None:
     return header["strategy"] if header else None
 
 
+def tblog_dir(run_dir: Path) -> Path:
+    """Where a run's TensorBoard events go: the run dir itself (TensorBoard names a run by its event folder, so
+    the run is called by its own name), or tb/ for a run begun by an older version with events there (resumed,
+    it stays one TensorBoard run)."""
+    legacy = run_dir / "tb"
+    return legacy if legacy.is_dir() and any(legacy.glob("events.out.tfevents.*")) else run_dir
+
+
 class RunDir:
     def __init__(self, cfg: Config, strategy: str, env: DistEnv) -> None:
         self.cfg, self.strategy, self.env = cfg, strategy, env
@@ -44,7 +53,7 @@ class RunDir:
             self.batching = config.batching(cfg, self.layout.dp)
         self.path = cfg.run_dir(strategy)
         self.config_yaml = self.path / "config.yaml"
-        self.tb_dir = self.path / "tb"
+        self.tb_dir = tblog_dir(self.path)
         self.ckpt_dir = self.path / "checkpoints"
         self.model_pt = self.path / "model.pt"
         self.metrics_json = self.path / "metrics.json"

@@ -14,8 +14,9 @@
     data/samples          picture, once when the run starts: training images with their labels
     hparams               once, when the run starts; the HParams tab reads val/acc and val/loss
 
-Raw DDP and Fabric give :class:`TBLog` a ``SummaryWriter`` on ``run.dir/tb``; the Lightning Trainer gives it the
-``SummaryWriter`` of its ``TensorBoardLogger`` (same folder), so the three strategies write the same events.
+Raw DDP and Fabric give :class:`TBLog` a ``SummaryWriter`` on the run dir itself (``run.tblog_dir``: ``tensorboard
+--logdir runs`` then names each run by its run dir); the Lightning Trainer gives it the ``SummaryWriter`` of its
+``TensorBoardLogger`` (same folder), so the three strategies write the same events.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ TAGS = TAGS_STEP + TAGS_EPOCH
 FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG = "data/samples", "val/confusion_matrix", "val/misclassified"
 FIGURES = (FIG_SAMPLES, FIG_CONFUSION, FIG_WRONG)
 HPARAM_METRICS = (TAG_VAL_ACC, TAG_VAL_LOSS)
+# What the HParams tab shows, of the config and the run (records.py adds world_size, global_batch, strategy): what
+# people compare across runs. TensorBoard orders the columns by name (hparams differing between runs first), so a
+# short list is what keeps optim.lr and the metrics on screen; the whole config is the run's config.yaml.
+HPARAM_KEYS = ("optim.name", "optim.lr", "optim.schedule", "data.name", "data.batch_size", "train.epochs",
+               "train.precision", "train.parallel", "train.accumulate_grad_batches")
 
 
 def open_writer(tb_dir: Path):
@@ -90,7 +96,9 @@ class TBLog:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+        # torch writes a bool as a number (1.0000 in the table: bool is an int to its isinstance): true/false here
+        clean = {k: str(v).lower() if isinstance(v, bool) else v if isinstance(v, (int, float, str)) else str(v)
+                 for k, v in params.items() if v is not None}
         exp, ssi, sei = hparams(clean, {m: 0.0 for m in HPARAM_METRICS})
         # torch 2.14 documents no call for the own file (add_hparams makes a sub-folder); it too uses .file_writer
         for summary in (exp, ssi, sei):

@@ -5,8 +5,8 @@
     distmnist compare runs/ddp-smoke runs/fabric-smoke --json               # the rows as JSON, for scripts
     python -m distmnist.tools.compare RUN_DIR...                            # the same
 
-`tensorboard --logdir runs` opens all runs in one TensorBoard: every run dir's tb/ becomes one run there, with
-the same tags (train/loss, val/acc, ...) against the global step.
+`tensorboard --logdir runs` opens all runs in one TensorBoard: every run dir is one run there, named by its
+folder, with the same tags (train/loss, val/acc, ...) against the global step.
 
 The numbers come from each run's metrics.json: s/epoch is the mean training seconds of an epoch (history
 epoch_s), samples/s the run's train_samples_per_sec (all training samples over all training seconds), wall_s the
@@ -183,8 +183,7 @@ def load_finished(run_dir: Path, metrics_json: Path) -> Run:
 
 def load_running(run_dir: Path) -> Run:
     """A run dir without metrics.json: what its TensorBoard events hold so far."""
-    tb_dir = run_dir / "tb"
-    events = tblog.read_events(tb_dir, (tblog.TAG_VAL_ACC, tblog.TAG_VAL_LOSS, tblog.TAG_SPEED, tblog.TAG_LOSS))
+    events = tblog.read_events(run_dir, (tblog.TAG_VAL_ACC, tblog.TAG_VAL_LOSS, tblog.TAG_SPEED, tblog.TAG_LOSS))
     if not events:
         what = "no metrics.json and no TensorBoard events"
         if not (run_dir / "config.yaml").exists():
@@ -196,7 +195,7 @@ def load_running(run_dir: Path) -> Run:
     val_acc = events.get(tblog.TAG_VAL_ACC, [])
     val_loss = events.get(tblog.TAG_VAL_LOSS, [])
     rates = [v for _, _, v in events.get(tblog.TAG_SPEED, []) if v > 0]
-    started = first_event_time(tb_dir)
+    started = first_event_time(run_dir)
     last_time = max(t for points in events.values() for _, t, _ in points)
     last_step = max(s for points in events.values() for s, _, _ in points)
     return Run(

@@ -80,14 +80,14 @@ def test_no_mfu_without_a_known_peak(runs):
     assert m["flops_per_step"] == analytic_flops([128, 128], 32)
     assert "peak_flops" not in m and "train_mfu" not in m and "mfu" not in m["history"][0]
     assert "GFLOP/s data wait" in stdout
-    assert tblog.TAG_MFU not in tblog.read_scalars(run_dir / "tb")
+    assert tblog.TAG_MFU not in tblog.read_scalars(run_dir)
 
 
 def test_tensorboard_perf_tags_are_the_records(runs):
     for name in STRATEGIES:
         run_dir = runs[name][0]
         (epoch,) = metrics(run_dir)["history"]
-        scalars = tblog.read_scalars(run_dir / "tb")
+        scalars = tblog.read_scalars(run_dir)
         for tag, key in ((tblog.TAG_FLOPS, "flops_per_sec"), (tblog.TAG_MFU, "mfu"),
                          (tblog.TAG_DATA_WAIT, "data_wait_share")):
             ((step, value),) = scalars[tag]

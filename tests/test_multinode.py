@@ -684,12 +684,11 @@ def test_a_known_error_on_node2_alone_is_named_on_node1(two_node_cluster, tmp_pa
     said1 = [line for line in err1.splitlines() if line.startswith("distmnist: error: ")]
     print(f"node2's data damaged: node1 exit {rc1}, node2 exit {rc2}, after {elapsed:.1f} s\nnode2: {said2}\n"
           f"node1: {said1}")
-    assert rc2 != 0 and said2, f"node2: exit {rc2}\n{err2[-5000:]}"
-    line = said2[0].removeprefix("distmnist: error: ")
-    assert "train-images-idx3-ubyte" in line, said2
-    assert rc1 != 0, f"node1: exit {rc1}\n{err1[-5000:]}"
+    # the data check at start-up is agreed by all ranks (data.all_ensure_available): rank 0 on node1 says it once
+    assert rc2 != 0 and rc1 != 0, f"node1: exit {rc1}, node2: exit {rc2}\n{err1[-3000:]}\n{err2[-3000:]}"
     assert "lost its peers" not in err1, err1[-5000:]
-    named = re.compile(r"distmnist: error: rank ([23]) on node2 stopped: (.*?)( \(rank [23] too\))?$")
-    matches = [named.match(s) for s in said1]
-    assert said1 and all(matches), said1
-    assert all(m.group(2) == line for m in matches), (said1, line)
+    named = re.compile(r"distmnist: error: rank ([23]) on node2 stopped: (.*)$")
+    assert len(said1) == 1 and named.match(said1[0]), said1
+    line = named.match(said1[0]).group(2)
+    assert "train-images-idx3-ubyte" in line and "is truncated" in line, said1
+    assert said2 == [], said2  # node2's ranks leave the line to rank 0

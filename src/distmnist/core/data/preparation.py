@@ -288,10 +288,14 @@ def all_ensure_available(cfg: DataConfig, env: dist.DistEnv) -> None:
             problem = f"preparing {cfg.name} under {cfg.root} failed on rank {env.rank}: {type(err).__name__}"
             bug = err
     if group is not None:
-        outcomes: list[str | None] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(outcomes, problem, group=group)
+        outcomes: list[tuple[str | None, str]] = [(None, "")] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(outcomes, (problem, socket.gethostname()), group=group)
         torch.distributed.destroy_process_group(group)
-        problem = next((p for p in outcomes if p is not None), None)
+        found = next(((r, p, host) for r, (p, host) in enumerate(outcomes) if p is not None), None)
+        if found is not None:  # said by rank 0: on another node, name the rank and node it happened on
+            r, problem, host = found
+            if host != outcomes[0][1]:
+                problem = f"rank {r} on {host} stopped: {problem}"
     if bug is not None:
         raise bug  # with its traceback, where it happened
     if problem is not None:

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    # torchrun's default path: the rendezvous store shared with the workers (core/dist.py keeps each attempt's
+    # torchrun's default path: the rendezvous store shared with the workers (core/startup.py keeps each attempt's
     # keys apart), so a caller's TORCH_DISABLE_SHARE_RDZV_TCP_STORE is not passed on either
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)

@@ -128,7 +128,7 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_kill_9_of_rank_1_restarts_and_ends_with_the_uninterrupted_weights(reference, tmp_path, strategy):
     """Plain `torchrun --standalone --max-restarts=1`: the restarted group shares torchrun's store with the dead
-    one's keys (pytorch/pytorch#135712); core/dist.py gives each start its own key, so it connects and resumes.
+    one's keys (pytorch/pytorch#135712); core/startup.py gives each start its own key, so it connects and resumes.
     The restarted rank 1 arrives 3 s after rank 0: without that key, rank 0 reads the dead rank 1's gloo address
     and fails (Connection refused) every time, not only when the two happen to start in that order."""
     run_dir = tmp_path / "run"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from procs import child_env, free_port
 
-from distmnist.core import dist
+from distmnist.core import startup
 from distmnist.core.config import load_config
 from distmnist.core.errors import STARTUP_EXIT, DistMnistError
 
@@ -129,11 +129,11 @@ def test_two_of_three_srun_tasks_name_rank_2(tmp_path):
 
 
 def test_rank_ranges_and_slurm_host_lists():
-    assert dist._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
-    assert dist._ranges([3]) == "3"
-    assert dist._hostnames("n[01-03,07],gpu5,rack[8]x") == ["n01", "n02", "n03", "n07", "gpu5", "rack8x"]
-    assert dist._hostnames("node1") == ["node1"]
-    assert dist._hostnames("n[a-b]") == []  # not understood: no node names rather than wrong ones
+    assert startup._ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert startup._ranges([3]) == "3"
+    assert startup._hostnames("n[01-03,07],gpu5,rack[8]x") == ["n01", "n02", "n03", "n07", "gpu5", "rack8x"]
+    assert startup._hostnames("node1") == ["node1"]
+    assert startup._hostnames("n[a-b]") == []  # not understood: no node names rather than wrong ones
 
 
 def test_startup_timeout_is_its_own_key():

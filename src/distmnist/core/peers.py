@@ -2,7 +2,7 @@
 
 A rank that stops on a known error (a DistMnistError it met alone: bad data on its node, a config or environment
 problem; a divergence) writes its one line, host and rank into the job's store (the c10d TCPStore of this start:
-torchrun's, or rank 0's; core/dist.agreed_store's prefix, so a restarted job never reads the last attempt's). A rank
+torchrun's, or rank 0's; core/startup.agreed_store's prefix, so a restarted job never reads the last attempt's). A rank
 whose collective then fails looks there and says "rank R on HOST stopped: <its line>" instead of "lost its peers".
 Bounded: where nothing is written (kill -9, OOM), or the store is gone with its host, the look ends within
 LOOK_S and the lost-peers line stands.

@@ -430,29 +430,41 @@ def test_ddp_buckets_are_laid_out_once_before_the_first_step(tmp_path):
         tdist.destroy_process_group()
 
 
-# 3 ranks x 32: one epoch of 90 steps; the first checkpoint at step 7, the stop agreed at a multiple of 3 after it
-THREE = ("-c", "smoke", "data.train_samples=8640", "train.epochs=1", "checkpoint.every_n_steps=7",
-         "checkpoint.stop_check_every_n_steps=3", "dist.timeout_s=60")
+# W ranks x 32: one epoch of 90 steps; the first checkpoint at step 7, the stop agreed at a multiple of 3 after it
+def ranks_args(nproc: int) -> tuple[str, ...]:
+    return ("-c", "smoke", f"data.train_samples={90 * 32 * nproc}", "train.epochs=1", "checkpoint.every_n_steps=7",
+            "checkpoint.stop_check_every_n_steps=3", "dist.timeout_s=60")
 
 
 @pytest.fixture(scope="module")
-def reference_3_ranks(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("reference3")
-    ok(torchrun("distmnist.ddp", *THREE, f"run.dir={tmp / 'run'}", nproc=3, cwd=tmp))
-    return tmp / "run"
+def references(tmp_path_factory):
+    """The uninterrupted raw-DDP run at W ranks, made once per W for the module."""
+    made: dict[int, Path] = {}
+
+    def reference(nproc: int) -> Path:
+        if nproc not in made:
+            tmp = tmp_path_factory.mktemp(f"reference{nproc}")
+            ok(torchrun("distmnist.ddp", *ranks_args(nproc), f"run.dir={tmp / 'run'}", nproc=nproc, cwd=tmp))
+            made[nproc] = tmp / "run"
+        return made[nproc]
+
+    return reference
 
 
 @slow
-# each strategy settles DDP's buckets at its own place (ddp.py, fabric.py, the Trainer's RunCheckpoints)
-@pytest.mark.parametrize("strategy", ["ddp", "trainer", "fabric"])
-def test_sigterm_at_3_ranks_resumes_bit_identical(reference_3_ranks, tmp_path, strategy):
-    """3 gloo ranks sum each gradient element in an order that depends on its place in the all-reduced buffer
+# each strategy settles DDP's buckets at its own place (ddp.py, fabric.py, the Trainer's RunCheckpoints); 4 ranks
+# (the README's torchrun --nproc_per_node=4) for raw DDP, whose code the other two share
+@pytest.mark.parametrize(("strategy", "nproc"), [("ddp", 3), ("trainer", 3), ("fabric", 3), ("ddp", 4)])
+def test_sigterm_at_3_or_4_ranks_resumes_bit_identical(references, tmp_path, strategy, nproc):
+    """3 or 4 gloo ranks sum each gradient element in an order that depends on its place in the all-reduced buffer
     (2 ranks: a+b, whatever the order). SIGTERM to every rank mid-epoch, exit 75, the same command again: the weights
     equal the uninterrupted run's bit for bit (they are 1e-8..1e-7 off with stock DDP, whose first step after a
     resume uses its initial bucket layout where the uninterrupted run uses the rebuilt one: parallel.settle_buckets)."""
+    args = ranks_args(nproc)
+    reference = references(nproc)
     run_dir = tmp_path / "run"
     log = open(tmp_path / "stopped.log", "w")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(torchrun_cmd(f"distmnist.{strategy}", *THREE, f"run.dir={run_dir}", nproc=3),
+    proc = subprocess.Popen(torchrun_cmd(f"distmnist.{strategy}", *args, f"run.dir={run_dir}", nproc=nproc),
                             cwd=tmp_path, env=child_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_checkpoint(proc, run_dir)
@@ -463,16 +475,16 @@ def test_sigterm_at_3_ranks_resumes_bit_identical(reference_3_ranks, tmp_path, s
         proc.kill()
         log.close()
     out = (tmp_path / "stopped.log").read_text()
-    assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == 3, out[-3000:]
+    assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == nproc, out[-3000:]
     meta = checkpoint.read(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]
     assert 0 < meta["step_in_epoch"] < 90, meta  # mid-epoch
 
-    again = ok(torchrun(f"distmnist.{strategy}", *THREE, f"run.dir={run_dir}", nproc=3, cwd=tmp_path))
+    again = ok(torchrun(f"distmnist.{strategy}", *args, f"run.dir={run_dir}", nproc=nproc, cwd=tmp_path))
     assert f"resuming from {run_dir}/checkpoints/step={meta['global_step']:08d}.ckpt" in again.stdout, again.stdout
-    got, ref = weights(run_dir), weights(reference_3_ranks)
+    got, ref = weights(run_dir), weights(reference)
     diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert same_weights(got, ref), f"max |diff| {diff:.3g} to the uninterrupted run"
-    assert metrics(run_dir)["val_loss"] == metrics(reference_3_ranks)["val_loss"]
+    assert metrics(run_dir)["val_loss"] == metrics(reference)["val_loss"]
 
 
 # ----------------------------------------------------------------------------------------------------- Ctrl-C

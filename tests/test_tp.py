@@ -232,6 +232,38 @@ def test_sigterm_mid_epoch_under_fsdp_x_tp_resumes_exactly(runs, tmp_path):
     assert diff <= 1e-5
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kill_9_of_one_rank_under_fsdp_x_tp_restarts_and_ends_with_the_uninterrupted_weights(runs, tmp_path):
+    """kill -9 of one of the 4 ranks of an FSDP 2 x TP 2 run under `torchrun --max-restarts=1`: the others notice,
+    torchrun restarts the group, which resumes from the newest complete sharded checkpoint (a half-written one is
+    skipped) and ends with the uninterrupted run's weights and numbers, bit for bit."""
+    run_dir = tmp_path / "run"
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            torchrun_cmd("distmnist.ddp", *RUN, *LAYOUTS["fsdp-tp"], f"run.dir={run_dir}", nproc=NPROC,
+                         extra=("--max-restarts=1",)),
+            cwd=tmp_path, env=child_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            wait_for_checkpoint(proc, run_dir)
+            pids = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(pids) == NPROC, pids
+            os.kill(int(pids[-1]), signal.SIGKILL)
+            proc.wait(timeout=300)
+        finally:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    assert "resuming from" in text, text[-4000:]  # the restarted group (a fresh run.dir never resumes)
+    reference = runs["ddp", "fsdp-tp"]
+    got, ref = metrics(run_dir), metrics(reference)
+    print(f"restarted fsdp x tp vs uninterrupted: max abs {max_abs_diff(weights(run_dir), weights(reference)):.3g}")
+    assert same_weights(weights(run_dir), weights(reference))
+    assert got["val_loss"] == ref["val_loss"] and got["global_step"] == ref["global_step"]
+
+
 # ------------------------------------------------------------------------------------- refusals (fast)
 def sizes_refused(world_size: int, *overrides: str) -> str:
     with pytest.raises(DistMnistError) as err:

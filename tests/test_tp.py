@@ -183,16 +183,17 @@ def test_another_layout_is_refused_in_one_line(runs):
 # ------------------------------------------------------------------------------------------- faults
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_sigterm_mid_epoch_under_fsdp_x_tp_resumes_exactly(runs, tmp_path):
-    """SIGTERM to one rank of an FSDP 2 x TP 2 run mid-epoch: the ranks agree on a step, write a sharded checkpoint,
-    exit 75; the same command resumes it: weights and numbers equal the uninterrupted run's bit for bit. The same
-    checkpoint resumed on 2 processes (FSDP 1 x TP 2: DCP reshards the data-parallel dimension) ends within 1e-5
-    (one data-parallel rank sums its micro-batches where two ranks averaged theirs)."""
+@pytest.mark.parametrize("layout", ["fsdp-tp", "ddp-tp", "hsdp"])  # every 2-D layout
+def test_sigterm_mid_epoch_under_a_2d_layout_resumes_exactly(runs, tmp_path, layout):
+    """SIGTERM to one rank of a 2 x 2 run (FSDP x TP, DDP x TP, HSDP) mid-epoch: the ranks agree on a step, write a
+    sharded checkpoint, exit 75; the same command resumes it: weights and numbers equal the uninterrupted run's bit
+    for bit. FSDP x TP's checkpoint resumed on 2 processes (FSDP 1 x TP 2: DCP reshards the data-parallel
+    dimension) ends within 1e-5 (one data-parallel rank sums its micro-batches where two ranks averaged theirs)."""
     run_dir = tmp_path / "run"
     log = tmp_path / "run.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            torchrun_cmd("distmnist.ddp", *RUN, *LAYOUTS["fsdp-tp"], f"run.dir={run_dir}", nproc=NPROC),
+            torchrun_cmd("distmnist.ddp", *RUN, *LAYOUTS[layout], f"run.dir={run_dir}", nproc=NPROC),
             cwd=tmp_path, env=child_env(), stdout=out, stderr=subprocess.STDOUT, text=True,
         )
         try:
@@ -214,17 +215,19 @@ def test_sigterm_mid_epoch_under_fsdp_x_tp_resumes_exactly(runs, tmp_path):
     elsewhere = tmp_path / "two"
     shutil.copytree(run_dir, elsewhere)
 
-    reference = runs["ddp", "fsdp-tp"]
-    again = ok(torchrun("distmnist.ddp", *RUN, *LAYOUTS["fsdp-tp"], f"run.dir={run_dir}", nproc=NPROC,
+    reference = runs["ddp", layout]
+    again = ok(torchrun("distmnist.ddp", *RUN, *LAYOUTS[layout], f"run.dir={run_dir}", nproc=NPROC,
                         cwd=tmp_path))
     assert "resuming from" in again.stdout
     got, ref = metrics(run_dir), metrics(reference)
-    print(f"resumed fsdp x tp vs uninterrupted: max abs {max_abs_diff(weights(run_dir), weights(reference)):.3g}")
+    print(f"resumed {layout} vs uninterrupted: max abs {max_abs_diff(weights(run_dir), weights(reference)):.3g}")
     assert same_weights(weights(run_dir), weights(reference))
     assert got["val_loss"] == ref["val_loss"] and [h["train_acc"] for h in got["history"]] == [
         h["train_acc"] for h in ref["history"]]
 
-    two = ok(torchrun("distmnist.ddp", *RUN, *LAYOUTS["fsdp-tp"], f"run.dir={elsewhere}", nproc=2, cwd=tmp_path))
+    if layout != "fsdp-tp":
+        return
+    two = ok(torchrun("distmnist.ddp", *RUN, *LAYOUTS[layout], f"run.dir={elsewhere}", nproc=2, cwd=tmp_path))
     assert "resuming from" in two.stdout
     assert metrics(elsewhere)["data_parallel_size"] == 1 and metrics(elsewhere)["global_step"] == ref["global_step"]
     diff = max_abs_diff(weights(elsewhere), weights(reference))

@@ -59,15 +59,21 @@ def test_bench_table_lists_every_row_and_round(bench):
 
 def test_stock_ddp_row_runs_the_bare_loop_at_the_bench_world_size(tmp_path):
     """Stock DDP (the bare loop under torchrun, torch's default buckets) beside raw DDP at 2 processes: it trains the
-    same samples in the same order from the same weights, so it ends at raw DDP's accuracy."""
+    same samples in the same order from the same weights, so it ends at raw DDP's accuracy. A pure-TP row (tp2)
+    beside them: the same training with each hidden layer split over the 2 ranks, about half the state per rank."""
     out = tmp_path / "b"
     proc = ok(run_module(
         "distmnist", "bench", "-c", "smoke", "--data", "synthetic", "--strategies", "ddp", "--loaders", "resident",
-        "--baselines", "stock-ddp", "--world-size", "2", "--out", str(out), cwd=tmp_path, timeout=240,
+        "--baselines", "stock-ddp", "--world-size", "2", "--parallel", "ddp,tp2", "--out", str(out), cwd=tmp_path,
+        timeout=300,
     ))
     rows = {r["row"]: r for r in json.loads((out / "bench.json").read_text())}
-    assert list(rows) == ["stock-ddp", "ddp/resident"]
-    assert [rows[r]["world_size"] for r in rows] == [2, 2]
+    assert list(rows) == ["stock-ddp", "ddp/resident", "ddp-tp2/resident"]
+    assert [rows[r]["world_size"] for r in rows] == [2, 2, 2]
+    assert [rows[r]["parallel"] for r in rows] == [None, "ddp", "tp2"]
+    assert rows["ddp-tp2/resident"]["val_acc"] == pytest.approx(rows["ddp/resident"]["val_acc"], abs=0.01)
+    # the two split layers hold 1/2 per rank; the last (1,290 of 118,282 parameters) stays whole
+    assert 0.45 < rows["ddp-tp2/resident"]["state_mb"] / rows["ddp/resident"]["state_mb"] < 0.6
     assert rows["stock-ddp"]["samples_per_sec"] == pytest.approx(2048 / rows["stock-ddp"]["s_per_epoch"])
     assert rows["stock-ddp"]["val_acc"] == pytest.approx(rows["ddp/resident"]["val_acc"], abs=1e-6)
     for r in rows.values():
@@ -86,3 +92,18 @@ def test_time_to_accuracy_reports_the_epoch_it_was_reached(tmp_path):
     assert row["epochs"] in (1, 2) and row["final_val_acc"] >= 0.5
     assert 0 < row["train_s"] <= row["wall_s"]
     assert f"at epoch {row['epochs']}" in proc.stdout
+
+
+def test_parallel_layouts_read_as_config_keys_or_refused_in_one_line(tmp_path):
+    from distmnist.tools.bench import layout_overrides, lightning_holds
+
+    assert layout_overrides("ddp") == {"train.parallel": "ddp"}
+    assert layout_overrides("tp2") == {"train.parallel": "ddp", "train.tp_size": "2"}
+    assert layout_overrides("hsdp+r2+tp2") == {"train.parallel": "hsdp", "train.replicate_size": "2",
+                                               "train.tp_size": "2"}
+    assert lightning_holds(layout_overrides("fsdp+tp2"), 4) and lightning_holds(layout_overrides("tp4"), 4)
+    assert not lightning_holds(layout_overrides("tp2"), 4) and not lightning_holds(layout_overrides("hsdp+r2"), 4)
+    proc = run_module("distmnist", "bench", "--parallel", "ddp,fsdp+tq2", "--out", str(tmp_path / "b"),
+                      cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "'tq2' is none of ddp, fsdp, hsdp, tpN, rN" in proc.stderr

@@ -6,6 +6,7 @@ precision and recipe.
     distmnist bench --world-size 2 --strategies ddp,fabric --loaders resident
     distmnist bench --time-to-acc 0.88 -c fast --world-size 2     # seconds until val_acc first reaches 88%
     distmnist bench --world-size 2 --parallel ddp,fsdp               # each strategy replicated and sharded
+    distmnist bench --world-size 4 --strategies ddp --parallel ddp,tp4,tp2,fsdp+tp2,hsdp+r2   # every layout
 
 Rows:
 * ``tutorial``: the PyTorch quickstart loop -- torchvision dataset + ``ToTensor`` + ``DataLoader`` (no workers),
@@ -18,7 +19,11 @@ Rows:
 * ``stock-ddp`` (``--world-size`` > 1 only): the same bare loop under torchrun at the bench's world size, the model in
   ``DistributedDataParallel`` with torch's default buckets, as the tutorials write it; column ``t/stock-ddp``;
 * each strategy x loader, run as real processes (``python -m`` for one process, torchrun for several);
-  with ``--parallel ddp,fsdp`` each strategy also sharded (rows ``<strategy>-fsdp/<loader>``, ``train.parallel=fsdp``).
+  with ``--parallel ddp,fsdp`` each strategy also sharded (rows ``<strategy>-fsdp/<loader>``, ``train.parallel=fsdp``);
+  a layout is ``train.parallel`` and its mesh sizes joined by ``+``: ``tp2`` (DDP x TP 2; ``tp<W>`` is pure TP),
+  ``fsdp+tp2``, ``hsdp+r2`` (``train.replicate_size=2``), ``hsdp+r2+tp2``; rows ``<strategy>-<layout>/<loader>``.
+  A layout that Fabric's and the Trainer's ModelParallelStrategy cannot hold (HSDP, DDP replicas beside TP) has
+  no row for them (said on stderr), as those strategies refuse it.
   MB/rank: parameters + gradients + optimizer state held by each process (metrics.json's ``state_mb``).
 
 Every run trains ``--warmup-epochs`` (default 1) more epochs than ``--epochs``; the warm-up epochs (CUDA and
@@ -34,6 +39,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -201,9 +207,34 @@ def timing(times: list[float], samples: int) -> dict:
     return {"s_per_epoch": seconds, "samples_per_sec": samples / seconds, "epoch_s": times}
 
 
-def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir: Path, parallel: str = "ddp") -> dict:
-    """One strategy with one loader (replicated or sharded): its timed epochs, as a baseline function returns them."""
-    cfg_args = [*cfg_args, f"data.loader={loader}", f"train.parallel={parallel}"]
+def layout_overrides(spec: str) -> dict[str, str]:
+    """A --parallel layout (``ddp``, ``fsdp``, ``tp2``, ``fsdp+tp2``, ``hsdp+r2``, ``hsdp+r2+tp2``) as config keys."""
+    keys = {"train.parallel": "ddp"}
+    for part in spec.split("+"):
+        size = re.fullmatch(r"(tp|r)([1-9][0-9]*)", part)
+        if part in PARALLEL:
+            keys["train.parallel"] = part
+        elif size:
+            keys["train.tp_size" if size[1] == "tp" else "train.replicate_size"] = size[2]
+        else:
+            raise DistMnistError(f"bench: --parallel {spec!r}: {part!r} is none of {', '.join(PARALLEL)}, tpN, rN "
+                                 "(layouts: ddp, fsdp, tp2, fsdp+tp2, hsdp+r2, hsdp+r2+tp2)")
+    return keys
+
+
+def lightning_holds(keys: dict[str, str], world_size: int) -> bool:
+    """Whether ModelParallelStrategy holds the layout: not HSDP, not DDP replicas beside TP
+    (``lightning/adapters.model_parallel_sizes`` refuses those in one line)."""
+    tp = int(keys.get("train.tp_size", 1))
+    parallel = keys["train.parallel"]
+    return parallel != "hsdp" and not (parallel == "ddp" and tp > 1 and world_size // tp > 1)
+
+
+def strategy_run(strategy: str, loader: str, cfg_args: list[str], args, run_dir: Path,
+                 layout: dict[str, str] | None = None) -> dict:
+    """One strategy with one loader under one layout: its timed epochs, as a baseline function returns them."""
+    layout = layout or {"train.parallel": "ddp"}
+    cfg_args = [*cfg_args, f"data.loader={loader}", *(f"{k}={v}" for k, v in layout.items())]
     metrics = run_strategy(strategy, cfg_args, args.world_size, run_dir, args.timeout)
     timed = metrics["history"][args.warmup_epochs:]
     return {"times": [h["epoch_s"] for h in timed], "samples": timed[0]["train_samples"],
@@ -248,7 +279,8 @@ def build_parser():
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"default: {','.join(STRATEGIES)}")
     p.add_argument("--loaders", default="resident,dataloader", help="default: resident,dataloader")
     p.add_argument("--parallel", default="ddp",
-                   help="ddp | fsdp | ddp,fsdp: train.parallel of the strategy rows (default: ddp)")
+                   help="layouts of the strategy rows, comma-separated: ddp, fsdp, tp2 (DDP x TP 2), fsdp+tp2, "
+                        "hsdp+r2, hsdp+r2+tp2 (default: ddp)")
     p.add_argument("--baselines", default="tutorial,tutorial-lightning,floor,stock-ddp",
                    help="rows besides the strategies' (stock-ddp only with --world-size > 1; default: all four)")
     p.add_argument("--world-size", type=int, default=1, help="processes per strategy row (default 1)")
@@ -344,15 +376,20 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append((name, name, "torchvision", 1, lambda tmp, f=baselines[name]: quiet(f, cfg, args)))
         elif name == "floor" or args.world_size > 1:
             jobs.append((name, name, "resident", bare[name], lambda tmp, w=bare[name]: run_bare(cfg, args, w, tmp)))
-    for parallel in filter(None, args.parallel.split(",")):
-        if parallel not in PARALLEL[:2]:  # hsdp and train.tp_size rows: not yet (they need their mesh sizes)
-            raise DistMnistError(f"bench: unknown --parallel {parallel!r}; choose from {', '.join(PARALLEL[:2])}")
+    layouts = {}  # row -> its --parallel layout
+    for spec in filter(None, args.parallel.split(",")):
+        keys = layout_overrides(spec)
         for strategy in filter(None, args.strategies.split(",")):
+            name = strategy if spec == "ddp" else f"{strategy}-{spec}"
+            if strategy != "ddp" and not lightning_holds(keys, args.world_size):
+                print(f"bench: no {name} rows: ModelParallelStrategy cannot hold {spec} (docs/parallelism.md)",
+                      file=sys.stderr)
+                continue
             for loader in filter(None, args.loaders.split(",")):
-                name = strategy if parallel == "ddp" else f"{strategy}-{parallel}"
-                def run(tmp, s=strategy, lo=loader, pa=parallel):
-                    return strategy_run(s, lo, cfg_args, args, tmp, pa)
+                def run(tmp, s=strategy, lo=loader, la=keys):
+                    return strategy_run(s, lo, cfg_args, args, tmp, la)
 
+                layouts[f"{name}/{loader}"] = spec
                 jobs.append((f"{name}/{loader}", strategy, loader, args.world_size, run))
     results: dict[str, list[dict]] = {job[0]: [] for job in jobs}
     with tempfile.TemporaryDirectory(prefix="distmnist-bench-") as tmp:
@@ -365,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     for row, strategy, loader, world_size, _ in jobs:
         runs = results[row]
         rows.append({"row": row, "strategy": strategy, "loader": loader, "world_size": world_size, **common,
-                     "parallel": "fsdp" if "-fsdp/" in row else ("ddp" if "/" in row else None),
+                     "parallel": layouts.get(row),
                      "device": runs[0]["device"], **timing([t for r in runs for t in r["times"]], runs[0]["samples"]),
                      "val_acc": runs[-1]["val_acc"], "state_mb": runs[-1].get("state_mb")})
     base = {r["row"]: r["samples_per_sec"] for r in rows if r["row"] in baselines}

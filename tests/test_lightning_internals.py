@@ -28,7 +28,7 @@ from procs import child_env, ok
 from distmnist.core import checkpoint
 from distmnist.core.config import load_config
 from distmnist.lightning import adapters, internals
-from distmnist.trainer import NNModule
+from distmnist.trainer import LitClassifier
 
 
 def test_lightning_is_the_version_the_workarounds_were_written_for():
@@ -141,7 +141,7 @@ def test_lightning_turns_a_keyboard_interrupt_in_fit_into_exit_1():
 
 
 def test_lightning_names_the_running_hook_in_current_fx_name():
-    module = internals.tuned(NNModule)(load_config("smoke"))
+    module = internals.tuned(LitClassifier)(load_config("smoke"))
     assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
@@ -161,7 +161,7 @@ def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
 
 @pytest.mark.parametrize("graph_step", [False, True])
 def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
-    tuned = internals.tuned(NNModule, graph_step)
+    tuned = internals.tuned(LitClassifier, graph_step)
     hooks = ["optimizer_zero_grad", "transfer_batch_to_device"] + (["training_step", "backward"] if graph_step else [])
     for hook in hooks:  # the hooks it replaces are still Lightning's hooks, called with the same parameters
         ours, theirs = inspect.signature(getattr(tuned, hook)), inspect.signature(getattr(L.LightningModule, hook))

@@ -39,7 +39,7 @@ from distmnist.lightning import adapters, internals
 NAME = "trainer"
 
 
-class NNModule(L.LightningModule):
+class LitClassifier(L.LightningModule):
     """The shared NNModel, its loss and optimizer; the training tally and the exact evaluation metrics."""
 
     def __init__(self, cfg: Config) -> None:
@@ -235,7 +235,7 @@ def train(cfg: Config) -> dict:
         strategy = "auto"
         if env.world_size > 1:  # its gradient buckets laid out once before the first step: RunCheckpoints
             strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
-        if run.layout.on_mesh:  # FSDP2 / TP: ModelParallelStrategy + NNModule.configure_model (core.parallel)
+        if run.layout.on_mesh:  # FSDP2 / TP: ModelParallelStrategy + LitClassifier.configure_model (core.parallel)
             dp_size, tp_size = adapters.model_parallel_sizes(run.layout)  # or one line: hsdp, ddp x tp
             strategy = adapters.sharded_strategy(ModelParallelStrategy)(
                 data_parallel_size=dp_size, tensor_parallel_size=tp_size, timeout=timedelta(seconds=cfg.dist.timeout_s)
@@ -266,9 +266,9 @@ def train(cfg: Config) -> dict:
         )
         internals.leave_sigterm_to_distmnist(trainer)
         internals.check_step_signature_once(trainer)
-        # NNModule with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
+        # LitClassifier with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
-        module = internals.tuned(NNModule, graph_step)(cfg)
+        module = internals.tuned(LitClassifier, graph_step)(cfg)
         if found:
             records.say(f"resuming from {found}", always=True)
         cadence.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)

@@ -15,6 +15,7 @@ import torch
 
 from distmnist.core import checkpoint
 from distmnist.core.config import STRATEGIES  # noqa: F401 - the package's order, for the tests
+from distmnist.core.state import TrainState
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,6 +113,21 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, timeout: float = 
         assert proc.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.02)
     raise AssertionError("no checkpoint appeared")
+
+
+def position(path: Path) -> TrainState:
+    """The training position a checkpoint (single file or sharded folder) holds."""
+    return TrainState.from_checkpoint(checkpoint.read_any(path)["distmnist"])
+
+
+def old_record(record: dict) -> dict:
+    """A checkpoint's "distmnist" record as versions before TrainState's own entry wrote it: the position's fields
+    spliced into the record, the tally a list (loss_sum, correct, count), samples_in_epoch beside them."""
+    record = dict(record)
+    state = dict(record.pop("train_state"))
+    tally = state.pop("tally")
+    return {**record, **state, "samples_in_epoch": state["step_in_epoch"] * record["global_batch"],
+            "tally": [tally["loss_sum"], tally["correct"], tally["count"]] if tally else None}
 
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

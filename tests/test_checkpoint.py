@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from procs import old_record
 
 from distmnist.core import checkpoint
 from distmnist.core.config import load_config
 from distmnist.core.errors import DistMnistError
 from distmnist.core.model import build_model, build_optimizer, build_scheduler
+from distmnist.core.state import TallySums, TrainState
 
 
 # ------------------------------------------------------------------------------------------ atomic write
@@ -277,3 +280,23 @@ def test_newest_good_stops_on_a_foreign_checkpoint(tmp_path):
 
     with pytest.raises(DistMnistError, match="step=00000002"):
         checkpoint.newest_good(d, check)
+
+
+# ------------------------------------------------------------------------------------ the training position
+def test_train_state_is_its_own_typed_entry_and_reads_the_old_flat_record():
+    state = TrainState(epoch=1, step_in_epoch=16, global_step=80, epoch_train_s=0.5, elapsed_s=3.0,
+                       tally=TallySums(loss_sum=12.5, correct=300.0, count=512.0))
+    record = {"format": checkpoint.FORMAT, "global_batch": 32, "history": [], "train_state": state.state_dict()}
+    assert torch.load(_saved(record), weights_only=True) == record  # plain types: the safe reader takes it
+    assert TrainState.from_checkpoint(record) == state
+    assert TrainState.from_checkpoint(old_record(record)) == state
+    assert TrainState.from_checkpoint(record).tally.mean_loss == 12.5 / 512
+    state.next_epoch()
+    assert state.tally is None and TrainState.from_checkpoint({"train_state": state.state_dict()}) == state
+
+
+def _saved(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

@@ -30,6 +30,7 @@ from procs import (
 )
 
 from distmnist.core import checkpoint, tblog
+from distmnist.core.state import TrainState
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
@@ -83,8 +84,8 @@ def stopped(request, tmp_path_factory) -> tuple[str, Path]:
     out = (tmp / "log").read_text()
     assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == 2, out[-3000:]
     meta = checkpoint.read_any(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]
-    assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # stopped mid-epoch
-    assert meta["samples_in_epoch"] == meta["step_in_epoch"] * 192 and meta["global_batch"] == 192
+    assert 0 < TrainState.from_checkpoint(meta).step_in_epoch < STEPS_PER_EPOCH, meta  # stopped mid-epoch
+    assert meta["global_batch"] == 192
     assert not (run_dir / "model.pt").exists()
     return strategy, run_dir
 
@@ -192,7 +193,7 @@ def checkpoint_of_world(run_dir: Path, world_size: int, procs: list[subprocess.P
             except Exception:  # noqa: BLE001 - pruned between the listing and the read
                 continue
             if meta["world_size"] == world_size:
-                return meta["global_step"]
+                return TrainState.from_checkpoint(meta).global_step
         assert all(p.poll() is None for p in procs), "an agent ended before a checkpoint of the expected world"
         time.sleep(0.02)
     raise AssertionError(f"no checkpoint of {world_size} processes appeared")

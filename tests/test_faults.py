@@ -19,6 +19,8 @@ from procs import (
     free_port,
     metrics,
     ok,
+    old_record,
+    position,
     run_module,
     same_weights,
     teardown_aborts,
@@ -114,9 +116,9 @@ def test_signal_mid_epoch_checkpoints_every_rank_then_resumes_exactly(reference,
     stopped = re.findall(rf"distmnist: stopped by {SIGNALS[strategy].name} at step (\d+)", out)
     assert len(stopped) == 1, out[-3000:]  # rank 0 alone says it
     newest = checkpoint.listing(run_dir / "checkpoints")[0]
-    meta = checkpoint.read(newest)["distmnist"]
-    assert meta["global_step"] == int(stopped[0])
-    assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # mid-epoch
+    state = position(newest)
+    assert state.global_step == int(stopped[0])
+    assert 0 < state.step_in_epoch < STEPS_PER_EPOCH, state  # mid-epoch
     assert not (run_dir / "model.pt").exists()
 
     again = ok(torchrun(f"distmnist.{strategy}", *FAULT, f"run.dir={run_dir}", cwd=tmp_path))
@@ -245,6 +247,27 @@ def finished(tmp_path_factory) -> Path:
 
 
 @slow
+def test_a_checkpoint_of_the_format_before_train_state_had_its_own_entry_resumes_exactly(tmp_path):
+    """A mid-epoch checkpoint whose record has the position spliced in and the tally as a list (as written before
+    TrainState became the record's "train_state" entry) resumes: same weights and epoch numbers as uninterrupted."""
+    run_dir, every = tmp_path / "run", ("checkpoint.every_n_steps=40", "checkpoint.keep=5")
+    ok(smoke_run(tmp_path, run_dir, *every))
+    whole, done = weights(run_dir), metrics(run_dir)
+    mid = run_dir / "checkpoints" / "step=00000080.ckpt"  # epoch 2, 16 of its 64 steps done
+    for path in checkpoint.listing(run_dir / "checkpoints"):
+        if path != mid:
+            path.unlink()
+    (run_dir / "model.pt").unlink()
+    obj = checkpoint.read(mid)
+    assert obj["distmnist"]["train_state"]["tally"]["count"] == 16 * 32
+    checkpoint.atomic_torch_save({**obj, "distmnist": old_record(obj["distmnist"])}, mid)
+    again = ok(smoke_run(tmp_path, run_dir, *every))
+    assert "resuming from" in again.stdout and "step=00000080.ckpt" in again.stdout, again.stdout
+    assert same_weights(weights(run_dir), whole)
+    assert metrics(run_dir)["history"][1]["train_loss"] == done["history"][1]["train_loss"]
+
+
+@slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(finished, tmp_path, damage):
     run_dir = tmp_path / "run"
@@ -258,7 +281,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(finished,
     assert "resuming from" in proc.stdout and "step=00000064.ckpt" in proc.stdout
     # epoch 2 was trained again from the good checkpoint: the same weights as the first time
     assert same_weights(weights(run_dir), weights(finished))
-    assert checkpoint.read(newest)["distmnist"]["global_step"] == 128  # a good file again
+    assert position(newest).global_step == 128  # a good file again
 
 
 def refused(proc: subprocess.CompletedProcess, *words: str) -> str:
@@ -344,7 +367,7 @@ def test_retention_keeps_the_new_checkpoint_over_a_newer_damaged_one(tmp_path):
     proc = ok(smoke_run(tmp_path, run_dir, "train.epochs=2", *common))
     assert "step=00000064.ckpt" in proc.stdout  # resumed from the good one
     assert [p.name for p in checkpoint.listing(run_dir / "checkpoints")] == ["step=99999999.ckpt", "step=00000128.ckpt"]
-    assert checkpoint.read(run_dir / "checkpoints" / "step=00000128.ckpt")["distmnist"]["global_step"] == 128
+    assert position(run_dir / "checkpoints" / "step=00000128.ckpt").global_step == 128
     assert damaged.read_bytes() == b"not a checkpoint"
 
 
@@ -476,11 +499,11 @@ def test_sigterm_at_3_or_4_ranks_resumes_bit_identical(references, tmp_path, str
         log.close()
     out = (tmp_path / "stopped.log").read_text()
     assert len(re.findall(r"exitcode\s+: 75 \(pid: \d+\)", out)) == nproc, out[-3000:]
-    meta = checkpoint.read(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]
-    assert 0 < meta["step_in_epoch"] < 90, meta  # mid-epoch
+    state = position(checkpoint.listing(run_dir / "checkpoints")[0])
+    assert 0 < state.step_in_epoch < 90, state  # mid-epoch
 
     again = ok(torchrun(f"distmnist.{strategy}", *args, f"run.dir={run_dir}", nproc=nproc, cwd=tmp_path))
-    assert f"resuming from {run_dir}/checkpoints/step={meta['global_step']:08d}.ckpt" in again.stdout, again.stdout
+    assert f"resuming from {run_dir}/checkpoints/step={state.global_step:08d}.ckpt" in again.stdout, again.stdout
     got, ref = weights(run_dir), weights(reference)
     diff = max((got[k] - ref[k]).abs().max().item() for k in ref)
     assert same_weights(got, ref), f"max |diff| {diff:.3g} to the uninterrupted run"
@@ -519,8 +542,8 @@ def stopped_at(err: str, run_dir: Path) -> int:
     step = int(stopped[0][0])
     newest = checkpoint.listing(run_dir / "checkpoints")[0]
     assert newest == Path(stopped[0][1]) or newest.name == Path(stopped[0][1]).name
-    meta = checkpoint.read(newest)["distmnist"]
-    assert meta["global_step"] == step and 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
+    state = position(newest)
+    assert state.global_step == step and 0 < state.step_in_epoch < STEPS_PER_EPOCH, state
     assert not (run_dir / "model.pt").exists()
     return step
 
@@ -577,7 +600,7 @@ def test_ctrl_c_in_one_process_exits_130_then_resumes_exactly(reference_one_proc
     assert rc == 130, err[-3000:]
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     step = int(re.search(r"stopped by SIGINT at step (\d+)", err).group(1))
-    assert checkpoint.read(checkpoint.listing(run_dir / "checkpoints")[0])["distmnist"]["global_step"] == step
+    assert position(checkpoint.listing(run_dir / "checkpoints")[0]).global_step == step
 
     again = ok(subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=300))
     assert f"step={step:08d}.ckpt" in again.stdout

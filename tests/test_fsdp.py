@@ -158,7 +158,7 @@ def test_evaluate_a_sharded_checkpoint_on_another_number_of_processes(runs2, tmp
 def prepare(run_dir: Path, *overrides: str) -> Path | None:
     """What every rank of a 2-process job decides before training: which checkpoint resumes `run_dir`."""
     cfg = load_config("smoke", [*RUN[2:], f"run.dir={run_dir}", *overrides])
-    return RunDir(cfg, "ddp", DistEnv(world_size=2)).prepare()
+    return RunDir(cfg, "ddp", DistEnv(world_size=2)).checkpoint_to_resume()
 
 
 def test_ddp_and_fsdp_run_dirs_refuse_each_others_checkpoints(runs2, tmp_path):

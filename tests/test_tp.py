@@ -23,6 +23,7 @@ from procs import (
     max_abs_diff,
     metrics,
     ok,
+    position,
     run_module,
     same_weights,
     torchrun,
@@ -158,7 +159,7 @@ def test_checkpoints_are_sharded_and_name_their_layout(runs):
 def prepare(run_dir: Path, *overrides: str, world_size: int = NPROC) -> Path | None:
     """What every rank decides before training: which checkpoint resumes `run_dir` (or one line why none can)."""
     cfg = load_config("smoke", [*RUN[2:], f"run.dir={run_dir}", *overrides])
-    return RunDir(cfg, "ddp", DistEnv(world_size=world_size)).prepare()
+    return RunDir(cfg, "ddp", DistEnv(world_size=world_size)).checkpoint_to_resume()
 
 
 @pytest.mark.slow
@@ -208,9 +209,9 @@ def test_sigterm_mid_epoch_under_a_2d_layout_resumes_exactly(runs, tmp_path, lay
     stopped = re.findall(r"distmnist: stopped by SIGTERM at step (\d+)", text)
     assert len(stopped) == 1, text[-3000:]
     newest = checkpoint.listing(run_dir / "checkpoints")[0]
-    meta = checkpoint.read_any(newest)["distmnist"]
-    assert newest.is_dir() and meta["global_step"] == int(stopped[0]) < 2 * STEPS_PER_EPOCH
-    assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
+    state = position(newest)
+    assert newest.is_dir() and state.global_step == int(stopped[0]) < 2 * STEPS_PER_EPOCH
+    assert 0 < state.step_in_epoch < STEPS_PER_EPOCH, state
     assert not (run_dir / "model.pt").exists()
     elsewhere = tmp_path / "two"
     shutil.copytree(run_dir, elsewhere)

@@ -25,7 +25,7 @@ from distmnist.core.records import Records
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import CapturedStep, capture_applies
-from distmnist.core.stopping import CheckpointCadence
+from distmnist.core.stopping import CheckpointAndStopPolicy
 
 NAME = "ddp"
 
@@ -34,7 +34,7 @@ def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)  # rank, world size, device from torchrun / SLURM
     autocast = autocast_factory(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
-    found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
+    resume_from = run.checkpoint_to_resume()  # refuses a run dir not ours (every rank, nothing written)
     with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
         records = Records(run)
         data.all_ensure_available(cfg.data, env)
@@ -87,11 +87,11 @@ def train(cfg: Config) -> dict:
             train_step = CapturedStep(forward_backward, optimizer_step, optimizer, tally)
         stateful = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
 
-        cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
+        policy = CheckpointAndStopPolicy(cfg, env.device, records)  # when to checkpoint, when to stop
 
         def all_save_checkpoint(state: TrainState):
             state.tally = tally.all_state()  # a collective: every rank is here at the same step
-            cadence.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
+            policy.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
             # rank 0 writes (DDP), or every rank its shards (FSDP); all wait
             checkpoint.all_save_state(path, {**stateful, "distmnist": records.checkpoint_meta(state)}, env.is_zero)
@@ -99,16 +99,17 @@ def train(cfg: Config) -> dict:
             return path
 
         state = TrainState()
-        if (path := run.all_agree(found)) is not None:  # rank 0's choice, loaded by every rank
-            rest = checkpoint.all_load_state(path, stateful)
-            state = records.resume(rest["distmnist"])
+        if (path := run.all_agree(resume_from)) is not None:  # rank 0's choice, loaded by every rank
+            record = checkpoint.all_load_state(path, stateful)["distmnist"]  # whose run, position, history
+            state = TrainState.from_checkpoint(record)
+            records.continue_from(record, state)
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
         tally.restore(state.tally, env.is_zero)
         records.start(split, fresh=path is None)
         records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
-        cadence.install()  # SIGTERM/SIGUSR1/SIGINT (Ctrl-C) -> checkpoint, exit 75 / 130
+        policy.install()  # SIGTERM/SIGUSR1/SIGINT (Ctrl-C) -> checkpoint, exit 75 / 130
         records.begin_training(state)
         for epoch in range(state.epoch, cfg.train.epochs):
             train_batches.set_epoch(epoch)
@@ -120,15 +121,15 @@ def train(cfg: Config) -> dict:
                 state.advance()
                 records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
                 scheduler.step()
-                if cadence.all_due(state, len(train_batches), tally):
+                if policy.all_checkpoint_due(state, len(train_batches), tally):
                     path = all_save_checkpoint(state)
-                    cadence.stop_if_signalled(state, path)
+                    policy.stop_if_signalled(state, path)
             train_s = records.epoch_seconds(sync=True)
             val = all_evaluate(model, eval_batches, metrics, autocast, env.device)
             records.end_epoch(state, tally.all_compute(), val, train_s)
             state.next_epoch()
             all_save_checkpoint(state)
-        cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
+        policy.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
 
         summary = records.all_finish(model, state)
         dist.barrier()

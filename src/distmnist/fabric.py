@@ -28,7 +28,7 @@ from distmnist.core.records import Records
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import CapturedStep, capture_applies
-from distmnist.core.stopping import CheckpointCadence
+from distmnist.core.stopping import CheckpointAndStopPolicy
 from distmnist.lightning import adapters
 
 NAME = "fabric"
@@ -38,7 +38,7 @@ def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)  # rank, world size, device from torchrun / SLURM
     check_precision(cfg.train.precision, env.device)
     run = RunDir(cfg, NAME, env)
-    found = run.prepare()  # is the run dir ours, which checkpoint resumes it (every rank, nothing written)
+    resume_from = run.checkpoint_to_resume()  # refuses a run dir not ours (every rank, nothing written)
     strategy = "auto"
     if env.world_size > 1:
         strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
@@ -104,11 +104,11 @@ def train(cfg: Config) -> dict:
         if scaler is not None:
             stateful["scaler"] = scaler
 
-        cadence = CheckpointCadence(cfg, env.device, records)  # when to checkpoint, when to stop
+        policy = CheckpointAndStopPolicy(cfg, env.device, records)  # when to checkpoint, when to stop
 
         def all_save_checkpoint(state: TrainState):
             state.tally = tally.all_state()  # a collective: every rank is here at the same step
-            cadence.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
+            policy.all_check_finite(state, model)  # diverged: stop (exit 3) before writing anything non-finite
             path = run.checkpoint_path(state.global_step)
             # rank 0 writes (FSDP: each rank its shards), all wait
             fabric.save(path, {**stateful, "distmnist": records.checkpoint_meta(state)})
@@ -116,16 +116,17 @@ def train(cfg: Config) -> dict:
             return path
 
         state = TrainState()
-        if (path := run.all_agree(found)) is not None:  # rank 0's choice, loaded by every rank
-            rest = fabric.load(path, stateful)
-            state = records.resume(rest["distmnist"])
+        if (path := run.all_agree(resume_from)) is not None:  # rank 0's choice, loaded by every rank
+            record = fabric.load(path, stateful)["distmnist"]  # whose run, position, history
+            state = TrainState.from_checkpoint(record)
+            records.continue_from(record, state)
             records.say(f"resuming from {path} (epoch {state.epoch + 1}, step {state.global_step})", always=True)
         tally.restore(state.tally, env.is_zero)
         records.start(split, fresh=path is None)
         records.watch(model, optimizer)  # per-rank memory of the training state, in each epoch's record
 
         metrics = EvalMetrics(keep_wrong=32 if env.is_zero else 0).to(env.device)
-        cadence.install()  # SIGTERM/SIGUSR1/SIGINT (Ctrl-C) -> checkpoint, exit 75 / 130
+        policy.install()  # SIGTERM/SIGUSR1/SIGINT (Ctrl-C) -> checkpoint, exit 75 / 130
         records.begin_training(state)
         for epoch in range(state.epoch, cfg.train.epochs):
             train_batches.set_epoch(epoch)
@@ -137,15 +138,15 @@ def train(cfg: Config) -> dict:
                 state.advance()
                 records.log_step(state.global_step, loss, optimizer.param_groups[0]["lr"])
                 scheduler.step()
-                if cadence.all_due(state, len(train_batches), tally):
+                if policy.all_checkpoint_due(state, len(train_batches), tally):
                     path = all_save_checkpoint(state)
-                    cadence.stop_if_signalled(state, path)
+                    policy.stop_if_signalled(state, path)
             train_s = records.epoch_seconds(sync=True)
             val = all_evaluate(model, eval_batches, metrics, fabric.autocast, env.device)
             records.end_epoch(state, tally.all_compute(), val, train_s)
             state.next_epoch()
             all_save_checkpoint(state)
-        cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
+        policy.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
 
         summary = records.all_finish(model, state)
         fabric.barrier()

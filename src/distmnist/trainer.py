@@ -33,7 +33,7 @@ from distmnist.core.records import Records
 from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import capture_applies
-from distmnist.core.stopping import CheckpointCadence
+from distmnist.core.stopping import CheckpointAndStopPolicy
 from distmnist.lightning import adapters, internals
 
 NAME = "trainer"
@@ -177,8 +177,8 @@ class RunCheckpoints(Callback):
     ranks agree on after a SIGTERM/SIGUSR1/SIGINT (then exit 75 / 130). Each checkpoint carries the TrainState; resuming
     positions the data mid-epoch where the checkpoint left it."""
 
-    def __init__(self, run: RunDir, records: Records, state: TrainState, cadence: CheckpointCadence) -> None:
-        self.run, self.records, self.state, self.cadence = run, records, state, cadence
+    def __init__(self, run: RunDir, records: Records, state: TrainState, policy: CheckpointAndStopPolicy) -> None:
+        self.run, self.records, self.state, self.policy = run, records, state, policy
         self.stepped = 0  # trainer.global_step at the last batch end seen (accumulating batches do not step)
 
     def all_save(self, trainer: L.Trainer):
@@ -196,9 +196,9 @@ class RunCheckpoints(Callback):
         if trainer.global_step == self.stepped:  # accumulating
             return
         self.stepped = trainer.global_step
-        if self.cadence.all_due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
+        if self.policy.all_checkpoint_due(self.state, len(trainer.datamodule.train_batches), pl_module.tally):
             path = self.all_save(trainer)
-            self.cadence.stop_if_signalled(self.state, path)
+            self.policy.stop_if_signalled(self.state, path)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.state.next_epoch()
@@ -206,15 +206,16 @@ class RunCheckpoints(Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
         self.state.tally = pl_module.tally.all_state()  # a collective: save_checkpoint runs on every rank
-        self.cadence.all_check_finite(self.state, pl_module.model)  # diverged: stop (exit 3) before writing it
+        self.policy.all_check_finite(self.state, pl_module.model)  # diverged: stop (exit 3) before writing it
         ckpt["distmnist"] = self.records.checkpoint_meta(self.state)
 
     def on_load_checkpoint(self, trainer, pl_module, ckpt: dict) -> None:
         """Before Lightning makes the epoch's iterator: the loader starts where the checkpoint left the epoch."""
-        self.state.load_state_dict(self.records.resume(ckpt["distmnist"]).state_dict())
+        record = ckpt["distmnist"]  # whose run, position, history
+        self.state.load_checkpoint(record)
+        self.records.continue_from(record, self.state)
         # Lightning counts micro-batches: a run resumed with another accumulation continues at the same step
-        internals.recount_batches(ckpt, ckpt["distmnist"].get("accumulate_grad_batches", 1),
-                                            trainer.accumulate_grad_batches)
+        internals.recount_batches(ckpt, record.get("accumulate_grad_batches", 1), trainer.accumulate_grad_batches)
         trainer.datamodule.train_batches.set_epoch(self.state.epoch)
         trainer.datamodule.train_batches.skip(self.state.step_in_epoch)
         pl_module.tally.restore(self.state.tally, trainer.is_global_zero)
@@ -225,13 +226,13 @@ def train(cfg: Config) -> dict:
     check_precision(cfg.train.precision, env.device)
     internals.hush(cfg.train.quiet)
     run = RunDir(cfg, NAME, env)
-    found = run.prepare()  # is the run dir ours, which checkpoint resumes it (nothing written)
+    resume_from = run.checkpoint_to_resume()  # refuses a run dir not ours (every rank, nothing written)
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
     # from rank 0's choice of checkpoint, as in ddp.py and fabric.py -- a node-local run dir may differ
     with dist.process_group(env, cfg.dist.timeout_s, cfg.dist.startup_timeout_s):
-        found = run.all_agree(found)
+        resume_from = run.all_agree(resume_from)
         records, state = Records(run), TrainState()
-        cadence = CheckpointCadence(cfg, env.device, records)
+        policy = CheckpointAndStopPolicy(cfg, env.device, records)
         strategy = "auto"
         if env.world_size > 1:  # its gradient buckets laid out once before the first step: RunCheckpoints
             strategy = DDPStrategy(timeout=timedelta(seconds=cfg.dist.timeout_s))
@@ -250,8 +251,8 @@ def train(cfg: Config) -> dict:
             accumulate_grad_batches=run.batching.accumulate,  # Lightning's no_sync on the accumulating micro-batches
             logger=internals.RunLogger(save_dir=str(run.tb_dir), name="", version="", default_hp_metric=False),
             callbacks=[
-                run_records := RunRecords(records, state, fresh=found is None),
-                RunCheckpoints(run, records, state, cadence),
+                run_records := RunRecords(records, state, fresh=resume_from is None),
+                RunCheckpoints(run, records, state, policy),
                 *([RunProgressBar(run_records)] if records.show_progress else []),
             ],
             enable_checkpointing=False,  # RunCheckpoints writes them
@@ -269,12 +270,12 @@ def train(cfg: Config) -> dict:
         # LitClassifier with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
         module = internals.tuned(LitClassifier, graph_step)(cfg)
-        if found:
-            records.say(f"resuming from {found}", always=True)
-        cadence.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)
+        if resume_from:
+            records.say(f"resuming from {resume_from}", always=True)
+        policy.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)
         with run.removed_if_refused():
-            trainer.fit(module, datamodule=MNISTData(cfg, env, records), ckpt_path=found)
-        cadence.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
+            trainer.fit(module, datamodule=MNISTData(cfg, env, records), ckpt_path=resume_from)
+        policy.uninstall()  # not if training stopped: a late SIGTERM must not kill the exit
         summary = records.all_finish(module.model, state)
         dist.barrier()
         return summary

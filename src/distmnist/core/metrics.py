@@ -21,6 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from distmnist.core import dist, parallel
 from distmnist.core.model import NUM_CLASSES
+from distmnist.core.state import TallySums
 
 
 class EvalMetrics(nn.Module):
@@ -112,15 +113,15 @@ class TrainTally:
         """1 (on the device, no host sync) if a non-finite loss went into this epoch's sums, else 0."""
         return (~torch.isfinite(self.loss_sum)).to(torch.int32)
 
-    def all_state(self) -> list[float]:
+    def all_state(self) -> TallySums:
         """The epoch's sums so far, reduced over all ranks (a collective): what a mid-epoch checkpoint keeps."""
-        return dist.all_reduce_sum(self.sums.clone()).tolist()
+        return TallySums(*dist.all_reduce_sum(self.sums.clone()).tolist())
 
-    def restore(self, sums: list[float] | None, is_zero: bool) -> None:
+    def restore(self, sums: TallySums | None, is_zero: bool) -> None:
         """Continue an epoch from a checkpoint: rank 0 carries the reduced sums, the others start at zero."""
         self.sums.zero_()
         if sums and is_zero:
-            self.sums.copy_(torch.tensor(sums, dtype=torch.float64))
+            self.sums.copy_(torch.tensor([sums.loss_sum, sums.correct, sums.count], dtype=torch.float64))
 
     def all_compute(self) -> dict[str, float]:
         """Reduced over all ranks (a collective), then reset."""

@@ -59,13 +59,11 @@ class Records:
             self.tb.hparams({**{k: flat[k] for k in tblog.HPARAM_KEYS}, **run_keys})
             self.tb.samples(samples[0][:32], samples[1][:32], CLASS_NAMES[self.cfg.data.name])
 
-    def resume(self, meta: dict[str, Any]) -> TrainState:
-        """The position a checkpoint's ``"distmnist"`` entry holds; the history and clock continue from it."""
-        state = TrainState()
-        state.load_state_dict(meta)
-        self.history = list(meta.get("history", []))
+    def continue_from(self, record: dict[str, Any], state: TrainState) -> None:
+        """A resumed run: the history and the clock go on from the checkpoint's ``"distmnist"`` record, whose
+        position (TrainState.from_checkpoint) is `state`."""
+        self.history = list(record.get("history", []))
         self.elapsed_before = state.elapsed_s
-        return state
 
     def checkpoint_meta(self, state: TrainState) -> dict[str, Any]:
         """The ``"distmnist"`` entry of a checkpoint at `state` (the clocks read now)."""
@@ -85,7 +83,6 @@ class Records:
         """Just before the first training step: wall_s (records, time to accuracy) counts from here, not from
         the process start (imports, data loading, process group and Lightning setup are left out)."""
         self.started = time.perf_counter()
-        state.global_batch = self.batching.global_batch  # the same as the checkpoint's (run.py checks)
         self._last_log = (self.started, state.global_step)  # the progress bar's samples/s counts from here too
         if self.cfg.train.profile:  # every rank its own trace
             from distmnist.core.profiler import StepProfiler

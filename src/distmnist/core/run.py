@@ -75,7 +75,7 @@ class RunDir:
                 f"(`distmnist train --strategy {theirs}`), or train {self.strategy} in another run.dir"
             )
 
-    def prepare(self) -> Path | None:
+    def checkpoint_to_resume(self) -> Path | None:
         """Check the run dir can be ours and find the checkpoint to resume from (every rank, before any process
         group). Nothing is written: a refused run leaves the run dir exactly as it was. Every rank reads the
         newest checkpoint here (a few hundred kB) so that every rank reaches the same refusal on its own: a
@@ -87,9 +87,9 @@ class RunDir:
         return found[0] if found else None
 
     @staticmethod
-    def all_agree(found: Path | None) -> Path | None:
+    def all_agree(resume_from: Path | None) -> Path | None:
         """Rank 0's choice of checkpoint, on every rank (a collective once the process group is up)."""
-        path = dist.broadcast_object(str(found) if found else None)
+        path = dist.broadcast_object(str(resume_from) if resume_from else None)
         return Path(path) if path else None
 
     def write_config(self) -> None:
@@ -121,7 +121,8 @@ class RunDir:
             checkpoint.prune(self.ckpt_dir, self.cfg.checkpoint.keep, newest_step=global_step)
 
     def meta(self, state: TrainState, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """What a checkpoint records besides the model/optimizer state: whose it is, the position, the history."""
+        """The checkpoint's ``"distmnist"`` record, beside the model/optimizer state: whose run it is, its layout and
+        batching, the training position (``"train_state"``, a TrainState) and the per-epoch history."""
         return {
             "format": checkpoint.FORMAT,
             "strategy": self.strategy,
@@ -133,9 +134,9 @@ class RunDir:
             "batch_size": self.batching.batch_size,
             "accumulate_grad_batches": self.batching.accumulate,
             "trajectory": config.trajectory(self.cfg),
-            "history": list(history),
-            **state.state_dict(),
             "global_batch": self.batching.global_batch,
+            "train_state": state.state_dict(),
+            "history": list(history),
         }
 
     def check_checkpoint(self, obj: dict[str, Any], path: Path) -> None:

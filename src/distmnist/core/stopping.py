@@ -21,7 +21,7 @@ from distmnist.core.config import Config
 from distmnist.core.errors import Diverged, Stopped
 from distmnist.core.metrics import TrainTally
 from distmnist.core.records import Records
-from distmnist.core.state import TrainState
+from distmnist.core.state import TallySums, TrainState
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -71,15 +71,17 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-class CheckpointCadence:
-    """When the training loop writes a mid-epoch checkpoint: every ``checkpoint.every_n_steps`` steps, and at the
-    step the ranks agree on after a SIGTERM/SIGUSR1/SIGINT -- after which training stops (exit 75, or 130 after
-    Ctrl-C; a rerun resumes).
-    The end-of-epoch checkpoint is not its business: it follows the evaluation.
+class CheckpointAndStopPolicy:
+    """After each optimizer step: whether to write a mid-epoch checkpoint, and whether to stop.
 
-    It also stops a run that diverged (exit 3) before anything non-finite is written: the stop check's all-reduce
-    carries a non-finite-loss flag (one process: read at the log steps, where the logged loss syncs anyway), and
-    :meth:`all_check_finite` looks at the loss and the weights before every checkpoint."""
+    * Checkpoint every ``checkpoint.every_n_steps`` steps (the end-of-epoch checkpoint is not its business: it
+      follows the evaluation).
+    * Stop, all ranks after the same step and a checkpoint, after a SIGTERM/SIGUSR1/SIGINT on any rank (exit 75,
+      or 130 after Ctrl-C; a rerun resumes): every ``checkpoint.stop_check_every_n_steps`` steps one small
+      all-reduce tells every rank whether any was signalled (:meth:`all_checkpoint_due`).
+    * Stop a run that diverged (exit 3) before anything non-finite is written: that all-reduce carries a
+      non-finite-loss flag too (one process: read at the log steps, where the logged loss syncs anyway), and
+      :meth:`all_check_finite` looks at the loss and the weights before every checkpoint."""
 
     def __init__(self, cfg: Config, device: torch.device, records: Records) -> None:
         self.every, self.stop_every = cfg.checkpoint.every_n_steps, cfg.checkpoint.stop_check_every_n_steps
@@ -88,14 +90,14 @@ class CheckpointCadence:
         self.request = StopRequest()
         self.signum = 0
 
-    def install(self) -> CheckpointCadence:
+    def install(self) -> CheckpointAndStopPolicy:
         self.request.install()
         return self
 
     def uninstall(self) -> None:
         self.request.uninstall()
 
-    def all_due(self, state: TrainState, steps_in_epoch: int, tally: TrainTally) -> bool:
+    def all_checkpoint_due(self, state: TrainState, steps_in_epoch: int, tally: TrainTally) -> bool:
         """After an optimizer step, on every rank (the stop check is a collective every stop_every steps)."""
         if state.step_in_epoch >= steps_in_epoch:
             return False
@@ -109,7 +111,7 @@ class CheckpointCadence:
         return bool(self.signum) or bool(self.every and step % self.every == 0)
 
     def stop_if_signalled(self, state: TrainState, path: Path) -> None:
-        """After the checkpoint that `due` asked for: raise Stopped if it was a stop."""
+        """After the checkpoint that :meth:`all_checkpoint_due` asked for: raise Stopped if it was a stop."""
         if self.signum:
             raise Stopped(
                 f"stopped by {signal_name(self.signum)} at step {state.global_step} (epoch {state.epoch + 1}); "
@@ -121,11 +123,11 @@ class CheckpointCadence:
         the weights are the same on every rank): stop if either is not finite."""
         if not parallel.all_finite(model):
             self.diverged(state, state.tally, "the weights")
-        if state.tally and not math.isfinite(state.tally[0]):
+        if state.tally and not state.tally.finite():
             self.diverged(state, state.tally, "the training loss")
 
-    def diverged(self, state: TrainState, sums: list[float] | None, what: str) -> None:
-        loss = sums[0] / sums[2] if sums and sums[2] else float("nan")
+    def diverged(self, state: TrainState, sums: TallySums | None, what: str) -> None:
+        loss = sums.mean_loss if sums else math.nan
         line = (f"training diverged: {what} became non-finite by step {state.global_step} (epoch {state.epoch + 1}; "
                 f"mean training loss of the epoch so far {loss}); stopped before writing it: no model.pt, any "
                 f"checkpoint in run.dir is from before -- lower optim.lr")

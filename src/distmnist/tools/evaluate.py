@@ -25,6 +25,7 @@ from distmnist.core.errors import DistMnistError, count, report_errors
 from distmnist.core.metrics import EvalMetrics, all_evaluate
 from distmnist.core.model import NNModel, load_model, weights_in
 from distmnist.core.precision import autocast_factory
+from distmnist.core.state import TrainState
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[\w.]+=")  # section.key=value
 CONFIG = "config.yaml"  # the run's own config, written by RunDir next to model.pt and checkpoints/
@@ -57,7 +58,7 @@ def load_weights(path: Path) -> tuple[NNModel, int | None]:
     state, meta = weights_in(obj), obj.get("distmnist")
     if state is None or not isinstance(meta, dict):
         raise DistMnistError(f"{path} is not a distmnist checkpoint (no model weights and position in it)")
-    return load_model(path, state), meta.get("global_step")
+    return load_model(path, state), TrainState.from_checkpoint(meta).global_step
 
 
 def run_config(run_dir: Path) -> Path | None:

@@ -31,10 +31,13 @@ from pathlib import Path
 import pytest
 from procs import (
     REPO,
+    STRATEGIES,
     Job,
     assert_resumed_exactly,
     child_env,
     free_port,
+    max_abs_diff,
+    metrics,
     ok,
     same_weights,
     torchrun,
@@ -47,7 +50,6 @@ from distmnist.core import data as dm_data
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 MULTI_NODE = REPO / "launch" / "multi_node.sh"
-STRATEGIES = ("ddp", "trainer", "fabric")
 COMMON = ("-c", "smoke", "data.train_samples=6400", "checkpoint.every_n_steps=10", "checkpoint.keep=100",
           "dist.timeout_s=60")
 STEPS = 2 * 6400 // (4 * 32)  # 2 epochs, 4 processes x batch 32: 100 optimizer steps
@@ -57,14 +59,6 @@ SBATCH = {  # 2 nodes, 2 CPU processes per node
     "trainer": ("--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"),
 }
 RANK_LINE = re.compile(r"rank (\d+) of (\d+) on (\S+) \(node rank (\d+), local rank (\d+)\)")
-
-
-def metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def ranks_by_host(log: str) -> dict[str, set[int]]:
@@ -182,7 +176,7 @@ def test_sbatch_on_two_nodes_requeues_and_resumes_as_one_node_does(sbatch_jobs, 
 def test_sbatch_on_two_nodes_requeued_equals_the_uninterrupted_run(sbatch_jobs, reference, strategy):
     job = sbatch_jobs[strategy]
     assert job.rc == 0, job.describe()
-    diff = max_diff(weights(job.run_dir), weights(reference))
+    diff = max_abs_diff(weights(job.run_dir), weights(reference))
     assert same_weights(weights(job.run_dir), weights(reference)), f"max |diff| {diff:.3g}"
 
 
@@ -522,7 +516,7 @@ def test_every_rank_resumes_from_rank_0s_checkpoint_with_node_local_run_dirs(nod
     assert (m["num_nodes"], m["world_size"], m["global_step"]) == (2, 4, steps[-1]), m
     # Ranks that resumed from different checkpoints would differ in momentum and data position from the first step
     # on (or fall out of step in a collective and fail).
-    diff = max_diff(weights(run1), final)
+    diff = max_abs_diff(weights(run1), final)
     assert same_weights(weights(run1), final), f"resumed from rank 0's checkpoint, the weights differ by {diff:.3g}"
 
 

@@ -74,8 +74,8 @@ class LitClassifier(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         # FSDP: weights gathered once, not per batch (batch counts differ); TP: a plain copy of the full weights
         # a tuple, not a module attribute: the model it holds must not join the checkpoint's state_dict
-        whole = parallel.gathered(self.model)
-        self.evaluating = (whole, whole.__enter__())
+        gathered = parallel.gathered(self.model)
+        self.evaluating = (gathered, gathered.__enter__())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch

@@ -81,11 +81,11 @@ def all_evaluate(
     was_training = model.training
     model.eval()
     # FSDP: the weights gathered once, not per batch (ranks' batch counts differ); TP: a plain copy of them
-    with parallel.gathered(model) as whole:
+    with parallel.gathered(model) as full_model:
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
-                logits = whole(x)
+                logits = full_model(x)
             metrics.update(logits, y, x)
     model.train(was_training)
     return metrics.compute()

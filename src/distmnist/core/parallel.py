@@ -268,9 +268,9 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     from distmnist.core.model import NNModel
 
     full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-    whole = NNModel(model.hidden).to(next(iter(full.values())).device)
-    whole.load_state_dict(full)
-    return whole.train(model.training)
+    copy = NNModel(model.hidden).to(next(iter(full.values())).device)
+    copy.load_state_dict(full)
+    return copy.train(model.training)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

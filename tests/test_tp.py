@@ -116,7 +116,8 @@ def held_floats(layout: str) -> int:
     """Rank 0's parameter floats of the NNModel 784-128-128-10 under `layout` on 4 ranks: TP splits the first
     Linear's rows (weight and bias) and the second's columns (not its bias), FSDP/HSDP then split dim 0 of every
     parameter over their shard size (rank 0 keeps ceil(rows / n))."""
-    tp, shard = {"ddp": (1, 1), "tp": (4, 1), "ddp-tp": (2, 1), "fsdp-tp": (2, 2), "hsdp": (1, 2)}[layout]
+    tp, shard = {"ddp": (1, 1), "tp": (4, 1), "ddp-tp": (2, 1), "fsdp-tp": (2, 2), "hsdp": (1, 2),
+                 "hsdp-tp": (2, 2)}[layout]
 
     def rows(n: int, cols: int) -> int:
         return -(-n // shard) * cols
@@ -141,6 +142,25 @@ def test_memory_figures_per_rank(runs):
         assert ratio == pytest.approx(held_floats(layout) / held_floats("ddp")), (strategy, layout)
         print(f"{strategy} {layout}: state {m['state_mb']:.3f} MB/rank, {ratio:.3f} of DDP's")
     assert metrics(runs["ddp", "tp"])["state_mb"] < ddp["state_mb"] / 3.8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_3d_layout_hsdp_x_tp_on_8_processes_equals_ddp(runs, tmp_path):
+    """HSDP 2 x 2 x TP 2 (replicate x shard x tp, a 3-D mesh) on 8 gloo processes: 4 data-parallel ranks of 16
+    samples, as DDP's 4 ranks: the same model.pt to 1e-5, every sample counted once, and rank 0 holding FSDP x TP's
+    share of the weights (the shard size is 2 in both)."""
+    run_dir = tmp_path / "hsdp-tp"
+    proc = ok(torchrun("distmnist.ddp", *RUN, "train.parallel=hsdp", "train.replicate_size=2", "train.tp_size=2",
+                       f"run.dir={run_dir}", nproc=8, cwd=tmp_path, timeout=500))
+    assert "sequential all_gather" not in proc.stderr  # gathering the weights: torch's warning dropped (core.parallel)
+    m, ddp = metrics(run_dir), metrics(runs["ddp", "ddp"])
+    assert (m["world_size"], m["data_parallel_size"], m["tp_size"]) == (8, 4, 2), m["layout"]
+    assert [h["train_samples"] for h in m["history"]] == [h["train_samples"] for h in ddp["history"]]
+    assert m["param_mb"] * 2**20 == held_floats("hsdp-tp") * 4
+    diff = max_abs_diff(weights(run_dir), weights(runs["ddp", "ddp"]))
+    print(f"hsdp 2 x 2 x tp 2 on 8 processes vs ddp on 4: max abs {diff:.3g}")
+    assert diff <= 1e-5
 
 
 @pytest.mark.slow

@@ -91,6 +91,7 @@ def _prod(xs):
     return out
 
 
+@pytest.mark.slow  # a CLI process per input
 @pytest.mark.timeout(120)
 def test_garbage_config_file_at_the_cli_is_one_line(tmp_path):
     import os
@@ -105,6 +106,7 @@ def test_garbage_config_file_at_the_cli_is_one_line(tmp_path):
         assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # a CLI process per input
 @pytest.mark.timeout(120)
 def test_deeply_nested_config_at_the_cli_is_one_line(tmp_path):
     """2000 nested lists in a config file or an override: one line naming the file or the key, exit 2."""

@@ -11,7 +11,9 @@ from procs import run_module
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+# real data (the marker's meaning): the files of Debian's dataset-fashion-mnist, a training start among them
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")]
 
 
 def fashion_copy(folder: Path, gz: bool) -> Path:

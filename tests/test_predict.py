@@ -369,6 +369,7 @@ def dim_run(untrained_model, tmp_path_factory) -> tuple[list[Path], subprocess.C
     return (paths, *predict_child(untrained_model, *paths, cwd=root))
 
 
+@pytest.mark.slow  # a predict process per image, its peak memory measured
 def test_dim_and_low_contrast_photos_are_classified(dim_run):
     paths, proc, _ = dim_run
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
@@ -416,6 +417,7 @@ def test_huge_image_is_refused_from_its_header(huge_png):
     assert time.monotonic() - started < 1.0  # nothing decoded
 
 
+@pytest.mark.slow  # a predict process per image, its peak memory measured
 def test_huge_image_is_one_line_in_bounded_memory(untrained_model, huge_png, dim_run, tmp_path):
     _, _, baseline = dim_run
     proc, peak = predict_child(untrained_model, huge_png, cwd=tmp_path)
@@ -426,6 +428,7 @@ def test_huge_image_is_one_line_in_bounded_memory(untrained_model, huge_png, dim
     assert peak < baseline + 64 * MB, f"peak {peak / MB:.0f} MB, a 40x40 image {baseline / MB:.0f} MB"
 
 
+@pytest.mark.slow  # a predict process per image, its peak memory measured
 def test_large_image_below_the_limit_is_classified_in_bounded_memory(untrained_model, dim_run, tmp_path):
     """4000 x 4000 RGB: 48 MB decoded; as float64 arrays of the full size it took 300 MB more than a small one."""
     _, _, baseline = dim_run

@@ -405,3 +405,191 @@ def test_lightning_routes_batches_through_the_module_methods_fast_hooks_replaces
         quiet_trainer(max_epochs=1, limit_val_batches=0).fit(module, datamodule=Shifted(plain))
         assert calls == [plain] * 3
         assert [int(y) for y in module.seen] == [i + (0 if plain else 100) for i in range(3)]
+
+
+# ------------------------------------------------- skip_hooks_that_do_nothing, compare_trainer_states_by_identity
+PER_STEP_DEFAULTS = {  # hooks Lightning 2.6 dispatches every training step whose default body is `pass`
+    L.Callback: ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                 "on_before_zero_grad", "on_train_batch_end"),
+    L.LightningModule: ("on_train_batch_start", "on_before_backward", "on_after_backward",
+                        "on_before_optimizer_step", "on_before_zero_grad", "on_train_batch_end"),
+}
+
+
+def test_the_per_step_hooks_lightning_defines_do_nothing_and_others_do():
+    """What skip_hooks_that_do_nothing skips: Lightning's default per-step hooks (if one gains a body, the dispatch
+    is kept -- and this fails, since the speed-up is gone); never a hook with a body, a generator or a builtin."""
+    from lightning.pytorch.strategies import Strategy
+
+    for owner, hooks in PER_STEP_DEFAULTS.items():
+        for hook in hooks:
+            assert internals.does_nothing(getattr(owner, hook)), f"{owner.__name__}.{hook}"
+    assert internals.does_nothing(Strategy.on_train_batch_start)
+
+    def acts(x):
+        return x
+
+    def generator():
+        return
+        yield
+
+    for function in (acts, generator, len, L.LightningModule.lr_scheduler_step, L.LightningModule.optimizer_step,
+                     Strategy.training_step, Strategy.batch_to_device, Tiny().training_step):
+        assert not internals.does_nothing(function), function
+
+
+def test_lightning_dispatches_hooks_through_the_call_module_with_these_parameters():
+    """The loops call ``call._call_callback_hooks`` / ``_call_lightning_module_hook`` / ``_call_strategy_hook`` as
+    attributes of ``lightning.pytorch.trainer.call`` (where skip_hooks_that_do_nothing replaces them), with these
+    parameters; Strategy.lightning_module is its ``_lightning_module``."""
+    from lightning.pytorch.loops import fit_loop, training_epoch_loop
+    from lightning.pytorch.loops.optimization import automatic
+    from lightning.pytorch.plugins.precision import precision
+    from lightning.pytorch.strategies import Strategy
+    from lightning.pytorch.trainer import call
+
+    expected = {"_call_callback_hooks": ["trainer", "hook_name", "args", "monitoring_callbacks", "kwargs"],
+                "_call_lightning_module_hook": ["trainer", "hook_name", "args", "pl_module", "kwargs"],
+                "_call_strategy_hook": ["trainer", "hook_name", "args", "kwargs"]}
+    for name, params in expected.items():
+        dispatcher = getattr(call, name)
+        assert list(inspect.signature(dispatcher).parameters) == params, name
+    for module in (fit_loop, training_epoch_loop, automatic, precision):
+        assert module.call is call, module.__name__
+    assert inspect.getsource(Strategy.lightning_module.fget).strip().endswith("return self._lightning_module")
+
+
+class HookRecorder(L.Callback):
+    """Which hooks run, in order, with the module's _current_fx_name at the time."""
+
+    def __init__(self, seen: list) -> None:
+        self.seen = seen
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(("callback", "on_train_batch_start", pl_module._current_fx_name, batch_idx))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(("callback", "on_train_batch_end", pl_module._current_fx_name, float(outputs["loss"])))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.seen.append(("callback", "on_before_optimizer_step", pl_module._current_fx_name, trainer.global_step))
+
+
+class RecordingTiny(Tiny):
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def on_after_backward(self):
+        self.seen.append(("module", "on_after_backward", self._current_fx_name, self.trainer.global_step))
+
+    def lr_scheduler_step(self, scheduler, metric):
+        self.seen.append(("module", "lr_scheduler_step", self._current_fx_name, self.trainer.global_step))
+        super().lr_scheduler_step(scheduler, metric)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1), "interval": "step"}}
+
+
+@pytest.mark.parametrize("profiler", ["none", "counting"])
+def test_a_trainer_that_skips_idle_hooks_runs_the_others_as_lightning_does(profiler):
+    """The same hooks with something to do, in the same order, with the same _current_fx_name and arguments, the
+    same weights, with and without the plan; the Callback defaults are not called at all (a trainer with a profiler
+    that records, and any trainer without the plan, keeps Lightning's dispatch)."""
+    runs = {}
+    for plan in (False, True):
+        seen = []
+        torch.manual_seed(0)
+        module = RecordingTiny(seen)
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[HookRecorder(seen), L.Callback()],
+                                profiler=CountingProfiler() if profiler == "counting" else internals.NoProfiler())
+        if plan:
+            internals.skip_hooks_that_do_nothing(trainer)
+        trainer.fit(module, train_dataloaders=tiny_batches(4))
+        assert trainer.lightning_module is trainer.strategy._lightning_module
+        runs[plan] = seen, module.layer.weight.detach().clone()
+        if plan:
+            assert hasattr(trainer, internals.HOOK_PLAN) is (profiler == "none")
+    assert runs[False][0] == runs[True][0] and len(runs[True][0]) == 3 * 5, runs[True][0]
+    assert torch.equal(runs[False][1], runs[True][1])
+
+
+def test_the_plan_skips_the_default_hooks_and_calls_each_callback_that_acts():
+    """Every Callback and LightningModule default in PER_STEP_DEFAULTS runs each step under Lightning's dispatch, and
+    none does with the plan; a callback whose hook has a body runs every step either way."""
+    defaults = {getattr(owner, hook).__code__ for owner, hooks in PER_STEP_DEFAULTS.items() for hook in hooks}
+    entered = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in defaults:
+            entered.append(frame.f_code.co_name)
+
+    for plan in (False, True):
+        entered.clear()
+        seen = []
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[HookRecorder(seen), L.Callback()],
+                                profiler=internals.NoProfiler())
+        if plan:
+            internals.skip_hooks_that_do_nothing(trainer)
+        sys.setprofile(profile)
+        try:
+            trainer.fit(RecordingTiny([]), train_dataloaders=tiny_batches(4))
+        finally:
+            sys.setprofile(None)
+        assert [entry[1] for entry in seen] == ["on_train_batch_start", "on_before_optimizer_step",
+                                                "on_train_batch_end"] * 3
+        if plan:
+            assert entered == []
+        else:  # each step: the module's 5 defaults (on_after_backward is RecordingTiny's), 2 callbacks' 6, less 3
+            assert len(entered) == 3 * (5 + 2 * 6 - 3), sorted(set(entered))
+
+
+def test_trainer_states_compare_by_identity_as_lightning_compares_them():
+    """Two members of RunningStage, TrainerFn or TrainerStatus are equal only when they are the same member (what
+    compare_trainer_states_by_identity relies on); after it, every comparison answers as before, hashes unchanged."""
+    from lightning.pytorch.trainer.states import RunningStage, TrainerFn, TrainerStatus
+    from lightning_utilities.core.enums import StrEnum
+
+    enums = (RunningStage, TrainerFn, TrainerStatus)
+    others = [None, "train", "TRAIN", "fit", "running", "sanity_check", 3]
+    before = {(a, b): a == b for e in enums for a in e for b in [*e, *others]}
+    hashes = {a: hash(a) for e in enums for a in e}
+    for e in enums:
+        assert e.__eq__ is StrEnum.__eq__ or getattr(e.__eq__, "by_identity", False)
+        assert not any(a is not b and StrEnum.__eq__(a, b) for a in e for b in e), e
+    internals.compare_trainer_states_by_identity()
+    for e in enums:
+        assert getattr(e.__eq__, "by_identity", False), e
+    assert {(a, b): a == b for e in enums for a in e for b in [*e, *others]} == before
+    assert {a: hash(a) for e in enums for a in e} == hashes
+    assert RunningStage.TRAINING == "train" and "train" == RunningStage.TRAINING and RunningStage.TRAINING != "fit"
+    assert inspect.getsource(L.Trainer.training.fget).strip().endswith("== RunningStage.TRAINING")
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_fast_hooks_leave_gradient_clipping_to_lightning_when_it_is_configured(clip):
+    """FastHooks.configure_gradient_clipping returns at once when no clipping is configured (Lightning 2.6's default
+    hands clip 0 to the precision plugin, which returns) and is Lightning's otherwise: the same weights either way."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    assert list(inspect.signature(L.LightningModule.configure_gradient_clipping).parameters) == [
+        "self", "optimizer", "gradient_clip_val", "gradient_clip_algorithm"]
+    weights = []
+    for module_class in (Tiny, type("FastTiny", (internals.FastHooks, Tiny), {})):
+        torch.manual_seed(0)
+        module = module_class()
+        pairs = torch.utils.data.TensorDataset(torch.arange(8.0).view(4, 2), torch.arange(4))
+        quiet_trainer(max_steps=3, limit_val_batches=0, gradient_clip_val=clip).fit(
+            module, train_dataloaders=torch.utils.data.DataLoader(pairs, batch_size=1))
+        weights.append(module.layer.weight.detach().clone())
+    assert torch.equal(*weights)
+    clipped = []
+
+    class Spy(Precision):
+        def clip_grad_by_norm(self, optimizer, clip_val):
+            clipped.append(clip_val)
+
+    Spy().clip_gradients(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), 0.0)
+    assert clipped == []

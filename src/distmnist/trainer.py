@@ -267,6 +267,8 @@ def train(cfg: Config) -> dict:
         )
         internals.leave_sigterm_to_distmnist(trainer)
         internals.check_step_signature_once(trainer)
+        internals.skip_hooks_that_do_nothing(trainer)
+        internals.compare_trainer_states_by_identity()
         # LitClassifier with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
         module = internals.tuned(LitClassifier, graph_step)(cfg)

@@ -126,7 +126,8 @@ def old_record(record: dict) -> dict:
     record = dict(record)
     state = dict(record.pop("train_state"))
     tally = state.pop("tally")
-    return {**record, **state, "samples_in_epoch": state["step_in_epoch"] * record["global_batch"],
+    return {**record, **state, "format": "distmnist-checkpoint/1",
+            "samples_in_epoch": state["step_in_epoch"] * record["global_batch"],
             "tally": [tally["loss_sum"], tally["correct"], tally["count"]] if tally else None}
 
 

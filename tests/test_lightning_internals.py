@@ -27,7 +27,7 @@ from procs import child_env, ok
 
 from distmnist.core import checkpoint
 from distmnist.core.config import load_config
-from distmnist.lightning import adapters, internals
+from distmnist.lightning import adapters, dispatch, internals
 from distmnist.trainer import LitClassifier
 
 
@@ -141,7 +141,7 @@ def test_lightning_turns_a_keyboard_interrupt_in_fit_into_exit_1():
 
 
 def test_lightning_names_the_running_hook_in_current_fx_name():
-    module = internals.tuned(LitClassifier)(load_config("smoke"))
+    module = internals.with_fast_hooks(LitClassifier)(load_config("smoke"))
     assert "_current_fx_name" in vars(module)  # LightningModule.__init__ sets it; FastHooks writes it cheaply
     module._current_fx_name = "training_step"
     assert module._current_fx_name == "training_step"
@@ -161,7 +161,7 @@ def test_tensorboard_logger_creates_its_writer_lazily(tmp_path):
 
 @pytest.mark.parametrize("graph_step", [False, True])
 def test_tuned_module_keeps_the_lightning_hooks_it_overrides(graph_step):
-    tuned = internals.tuned(LitClassifier, graph_step)
+    tuned = internals.with_fast_hooks(LitClassifier, graph_step)
     hooks = ["optimizer_zero_grad", "transfer_batch_to_device"] + (["training_step", "backward"] if graph_step else [])
     for hook in hooks:  # the hooks it replaces are still Lightning's hooks, called with the same parameters
         ours, theirs = inspect.signature(getattr(tuned, hook)), inspect.signature(getattr(L.LightningModule, hook))
@@ -423,8 +423,8 @@ def test_the_per_step_hooks_lightning_defines_do_nothing_and_others_do():
 
     for owner, hooks in PER_STEP_DEFAULTS.items():
         for hook in hooks:
-            assert internals.does_nothing(getattr(owner, hook)), f"{owner.__name__}.{hook}"
-    assert internals.does_nothing(Strategy.on_train_batch_start)
+            assert dispatch.does_nothing(getattr(owner, hook)), f"{owner.__name__}.{hook}"
+    assert dispatch.does_nothing(Strategy.on_train_batch_start)
 
     def acts(x):
         return x
@@ -435,7 +435,7 @@ def test_the_per_step_hooks_lightning_defines_do_nothing_and_others_do():
 
     for function in (acts, generator, len, L.LightningModule.lr_scheduler_step, L.LightningModule.optimizer_step,
                      Strategy.training_step, Strategy.batch_to_device, Tiny().training_step):
-        assert not internals.does_nothing(function), function
+        assert not dispatch.does_nothing(function), function
 
 
 def test_lightning_dispatches_hooks_through_the_call_module_with_these_parameters():
@@ -506,12 +506,12 @@ def test_a_trainer_that_skips_idle_hooks_runs_the_others_as_lightning_does(profi
         trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[HookRecorder(seen), L.Callback()],
                                 profiler=CountingProfiler() if profiler == "counting" else internals.NoProfiler())
         if plan:
-            internals.skip_hooks_that_do_nothing(trainer)
+            dispatch.skip_hooks_that_do_nothing(trainer)
         trainer.fit(module, train_dataloaders=tiny_batches(4))
         assert trainer.lightning_module is trainer.strategy._lightning_module
         runs[plan] = seen, module.layer.weight.detach().clone()
         if plan:
-            assert hasattr(trainer, internals.HOOK_PLAN) is (profiler == "none")
+            assert hasattr(trainer, dispatch.HOOK_PLAN) is (profiler == "none")
     assert runs[False][0] == runs[True][0] and len(runs[True][0]) == 3 * 5, runs[True][0]
     assert torch.equal(runs[False][1], runs[True][1])
 
@@ -532,7 +532,7 @@ def test_the_plan_skips_the_default_hooks_and_calls_each_callback_that_acts():
         trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[HookRecorder(seen), L.Callback()],
                                 profiler=internals.NoProfiler())
         if plan:
-            internals.skip_hooks_that_do_nothing(trainer)
+            dispatch.skip_hooks_that_do_nothing(trainer)
         sys.setprofile(profile)
         try:
             trainer.fit(RecordingTiny([]), train_dataloaders=tiny_batches(4))
@@ -559,7 +559,7 @@ def test_trainer_states_compare_by_identity_as_lightning_compares_them():
     for e in enums:
         assert e.__eq__ is StrEnum.__eq__ or getattr(e.__eq__, "by_identity", False)
         assert not any(a is not b and StrEnum.__eq__(a, b) for a in e for b in e), e
-    internals.compare_trainer_states_by_identity()
+    dispatch.compare_trainer_states_by_identity()
     for e in enums:
         assert getattr(e.__eq__, "by_identity", False), e
     assert {(a, b): a == b for e in enums for a in e for b in [*e, *others]} == before

@@ -34,7 +34,7 @@ from distmnist.core.run import RunDir
 from distmnist.core.state import TrainState
 from distmnist.core.steps import capture_applies
 from distmnist.core.stopping import CheckpointAndStopPolicy
-from distmnist.lightning import adapters, internals
+from distmnist.lightning import adapters, dispatch, internals
 
 NAME = "trainer"
 
@@ -224,7 +224,7 @@ class RunCheckpoints(Callback):
 def train(cfg: Config) -> dict:
     env = dist.read_env(cfg.train.accelerator)
     check_precision(cfg.train.precision, env.device)
-    internals.hush(cfg.train.quiet)
+    internals.silence_lightning_noise(cfg.train.quiet)
     run = RunDir(cfg, NAME, env)
     resume_from = run.checkpoint_to_resume()  # refuses a run dir not ours (every rank, nothing written)
     # the process group up before fit (Lightning's DDPStrategy uses one that exists), so that every rank resumes
@@ -267,11 +267,11 @@ def train(cfg: Config) -> dict:
         )
         internals.leave_sigterm_to_distmnist(trainer)
         internals.check_step_signature_once(trainer)
-        internals.skip_hooks_that_do_nothing(trainer)
-        internals.compare_trainer_states_by_identity()
+        dispatch.skip_hooks_that_do_nothing(trainer)
+        dispatch.compare_trainer_states_by_identity()
         # LitClassifier with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)
         graph_step = capture_applies(cfg, env) and cfg.train.precision == "32-true"
-        module = internals.tuned(LitClassifier, graph_step)(cfg)
+        module = internals.with_fast_hooks(LitClassifier, graph_step)(cfg)
         if resume_from:
             records.say(f"resuming from {resume_from}", always=True)
         policy.install()  # SIGTERM/SIGUSR1/SIGINT -> checkpoint, exit 75 / 130 (Lightning's own handler is left out)

@@ -141,7 +141,7 @@ class RunDir:
 
     def check_checkpoint(self, obj: dict[str, Any], path: Path) -> None:
         meta = obj.get("distmnist")
-        if not isinstance(meta, dict) or meta.get("format") != checkpoint.FORMAT:
+        if not isinstance(meta, dict) or meta.get("format") not in checkpoint.FORMATS:
             raise DistMnistError(f"{path} is not a distmnist checkpoint; move it out of {self.ckpt_dir}")
         if meta.get("strategy") != self.strategy:
             raise DistMnistError(

@@ -6,7 +6,8 @@
   (the core's FSDP2 layout).
 * :mod:`distmnist.lightning.internals` -- what ``trainer.py`` does beyond Lightning's public API (for speed or
   for a clean run), fenced: written against one Lightning version, stock behaviour when what it relies on is
-  missing.
+  missing; :mod:`distmnist.lightning.dispatch`, under the same fence, the per-step hook dispatch without the
+  hooks that do nothing.
 
 ``tests/test_lightning_internals.py`` fails when a Lightning upgrade changes what either relies on beyond the
 public API.

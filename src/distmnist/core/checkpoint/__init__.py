@@ -30,6 +30,7 @@ from distmnist.core.checkpoint.sharded import (
 )
 from distmnist.core.checkpoint.single import (
     FORMAT,
+    FORMATS,
     NAME,
     SUFFIX,
     all_load_state,
@@ -43,7 +44,7 @@ from distmnist.core.checkpoint.single import (
 )
 
 __all__ = [
-    "FORMAT", "META", "NAME", "SUFFIX", "all_load_state", "all_save_state", "atomic_open", "atomic_torch_save",
-    "atomic_write", "listing", "load_sharded", "newest_good", "prune", "read", "read_any", "read_full",
-    "read_sharded", "restore_sharded", "save_sharded", "sharded_state_dicts", "step_of", "step_path",
+    "FORMAT", "FORMATS", "META", "NAME", "SUFFIX", "all_load_state", "all_save_state", "atomic_open",
+    "atomic_torch_save", "atomic_write", "listing", "load_sharded", "newest_good", "prune", "read", "read_any",
+    "read_full", "read_sharded", "restore_sharded", "save_sharded", "sharded_state_dicts", "step_of", "step_path",
 ]

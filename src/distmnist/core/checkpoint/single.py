@@ -21,7 +21,10 @@ from distmnist.core.checkpoint.sharded import (
 )
 from distmnist.core.errors import DistMnistError
 
-FORMAT = "distmnist-checkpoint/1"
+# /2: the training position is the record's "train_state" entry (core/state.py); /1 spliced it into the record.
+# Both resume here; a version that knows only /1 refuses a /2 checkpoint in one line instead of misreading it.
+FORMAT = "distmnist-checkpoint/2"
+FORMATS = (FORMAT, "distmnist-checkpoint/1")
 SUFFIX = ".ckpt"
 NAME = re.compile(r"^step=(\d+)\.ckpt$")
 

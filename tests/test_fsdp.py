@@ -24,6 +24,7 @@ from procs import (
     max_abs_diff,
     metrics,
     ok,
+    position,
     run_module,
     same_weights,
     torchrun,
@@ -277,9 +278,9 @@ def test_kill_9_then_sigterm_mid_epoch_resume_bit_identical(runs2, tmp_path, str
     assert len(stopped) == 1, out[-3000:]
     newest = checkpoint.listing(run_dir / "checkpoints")[0]
     assert newest.is_dir()
-    meta = checkpoint.read_any(newest)["distmnist"]
-    assert meta["global_step"] == int(stopped[0])
-    assert 0 < meta["step_in_epoch"] < STEPS_PER_EPOCH, meta
+    state = position(newest)
+    assert state.global_step == int(stopped[0])
+    assert 0 < state.step_in_epoch < STEPS_PER_EPOCH, state
     assert not (run_dir / "model.pt").exists()
 
     again = ok(torchrun(f"distmnist.{strategy}", *RUN, FSDP, f"run.dir={run_dir}", cwd=tmp_path))

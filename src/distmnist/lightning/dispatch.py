@@ -45,8 +45,10 @@ class _HookPlan:
         self.callbacks: tuple = ()  # the trainer's callbacks that `acting` was worked out for
         self.acting: dict[str, list] = {}  # hook name -> the callbacks whose hook does something
 
-    def learn(self, function) -> bool:
-        idle = self.idle[function] = does_nothing(function)
+    def is_idle(self, function) -> bool:
+        idle = self.idle.get(function)
+        if idle is None:
+            idle = self.idle[function] = does_nothing(function)
         return idle
 
     def acting_callbacks(self, callbacks: list, hook_name: str) -> list:
@@ -55,6 +57,16 @@ class _HookPlan:
             self.callbacks, self.acting = key, {}
         acting = self.acting[hook_name] = [cb for cb in key if not does_nothing(getattr(cb, hook_name))]
         return acting
+
+
+def _call_named(pl_module, hook_name: str, fn, args: tuple, kwargs: dict):
+    """`fn(*args, **kwargs)` with the module's ``_current_fx_name`` set to `hook_name` meanwhile, as Lightning's
+    dispatchers do (a plain attribute: written past nn.Module.__setattr__)."""
+    prev_fx_name = pl_module._current_fx_name
+    object.__setattr__(pl_module, "_current_fx_name", hook_name)
+    output = fn(*args, **kwargs)
+    object.__setattr__(pl_module, "_current_fx_name", prev_fx_name)
+    return output
 
 
 def _planned_dispatchers(call) -> dict:
@@ -89,17 +101,9 @@ def _planned_dispatchers(call) -> dict:
             return module_hook(trainer, hook_name, *args, pl_module=pl_module, **kwargs)
         fn = getattr(pl_module, hook_name)
         function = getattr(fn, "__func__", None)  # a method (not an instance attribute)
-        if function is not None:
-            idle = plan.idle.get(function)
-            if idle or idle is None and plan.learn(function):
-                return None
-        elif not callable(fn):
+        if function is not None and plan.is_idle(function) or function is None and not callable(fn):
             return None
-        prev_fx_name = pl_module._current_fx_name
-        object.__setattr__(pl_module, "_current_fx_name", hook_name)
-        output = fn(*args, **kwargs)
-        object.__setattr__(pl_module, "_current_fx_name", prev_fx_name)
-        return output
+        return _call_named(pl_module, hook_name, fn, args, kwargs)
 
     def _call_strategy_hook(trainer, hook_name, *args, **kwargs):
         plan = getattr(trainer, HOOK_PLAN, None)
@@ -111,14 +115,9 @@ def _planned_dispatchers(call) -> dict:
         function = getattr(fn, "__func__", None)
         if pl_module is None or function is None:
             return strategy_hook(trainer, hook_name, *args, **kwargs)
-        idle = plan.idle.get(function)
-        if idle or idle is None and plan.learn(function):
+        if plan.is_idle(function):
             return None
-        prev_fx_name = pl_module._current_fx_name
-        object.__setattr__(pl_module, "_current_fx_name", hook_name)
-        output = fn(*args, **kwargs)
-        object.__setattr__(pl_module, "_current_fx_name", prev_fx_name)
-        return output
+        return _call_named(pl_module, hook_name, fn, args, kwargs)
 
     return dict(zip(DISPATCHERS, (_call_callback_hooks, _call_lightning_module_hook, _call_strategy_hook), strict=True))
 

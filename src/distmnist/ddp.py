@@ -63,7 +63,8 @@ def train(cfg: Config) -> dict:
             with autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            scaler.scale(loss / accumulate).backward()  # the mean over the step's samples, summed over micro-batches
+            # the mean over the step's samples, summed over micro-batches (no `/ 1`: one autograd node less a step)
+            scaler.scale(loss / accumulate if accumulate > 1 else loss).backward()
             return logits, loss
 
         def optimizer_step():

@@ -82,7 +82,8 @@ def train(cfg: Config) -> dict:
             with fabric.autocast():
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)
-            fabric.backward(loss / accumulate)  # the mean over the step's samples, summed over micro-batches
+            # the mean over the step's samples, summed over micro-batches (no `/ 1`: one autograd node less a step)
+            fabric.backward(loss / accumulate if accumulate > 1 else loss)
             return logits, loss
 
         tally = TrainTally(env.device, counted=run.layout.tp_rank(env.rank) == 0)  # a TP group's samples once

@@ -122,5 +122,5 @@ class CapturedStep:
         # thread_local: the DataLoader's pin-memory thread may call CUDA during the capture
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             logits, self.loss = self.forward_backward(self.x, self.y)
-            self.tally.update(logits, self.y, self.loss)
+            self.tally.update(logits, self.y, self.loss, defer=False)  # replayed: added up in the graph
         self.grads = [p.grad for p in self.params]

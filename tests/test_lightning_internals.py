@@ -593,3 +593,40 @@ def test_fast_hooks_leave_gradient_clipping_to_lightning_when_it_is_configured(c
 
     Spy().clip_gradients(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), 0.0)
     assert clipped == []
+
+
+class LossRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[tuple] = []  # (outputs["loss"], whether it has a grad_fn) after every micro-batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append((outputs["loss"].item(), outputs["loss"].grad_fn is None))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_an_undivided_loss_trains_and_reports_as_lightnings_closure_result(accumulate):
+    """Lightning 2.6's automatic optimization builds its ClosureResult through ``output_result_cls`` (divided by
+    accumulate_grad_batches, copied in ``_clone_loss``); with UndividedLoss the same weights, the same (detached)
+    losses in the outputs, with and without accumulation -- and no division node when nothing accumulates."""
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult, _AutomaticOptimization
+
+    assert _AutomaticOptimization.output_result_cls is ClosureResult
+    assert list(inspect.signature(ClosureResult.from_training_step_output).parameters) == [
+        "training_step_output", "normalize"]
+    assert "_clone_loss" in inspect.getsource(ClosureResult.__post_init__)
+    runs = []
+    for undivided in (False, True):
+        torch.manual_seed(0)
+        module, recorder = Tiny(), LossRecorder()
+        trainer = quiet_trainer(max_steps=3, limit_val_batches=0, accumulate_grad_batches=accumulate,
+                                callbacks=[recorder])
+        if undivided:
+            internals.loss_undivided_without_accumulation(trainer)
+            assert trainer.fit_loop.epoch_loop.automatic_optimization.output_result_cls is internals.UndividedLoss
+        trainer.fit(module, train_dataloaders=tiny_batches(3 * accumulate))
+        runs.append((module.layer.weight.detach().clone(), recorder.losses))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and len(runs[1][1]) == 3 * accumulate and all(d for _, d in runs[1][1])
+    loss = torch.ones(2, requires_grad=True).sum()
+    assert internals.UndividedLoss.from_training_step_output(loss, 1).closure_loss is loss
+    assert internals.UndividedLoss.from_training_step_output(loss, 2).closure_loss.grad_fn.name() == "DivBackward0"

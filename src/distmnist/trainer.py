@@ -267,6 +267,7 @@ def train(cfg: Config) -> dict:
         )
         internals.leave_sigterm_to_distmnist(trainer)
         internals.check_step_signature_once(trainer)
+        internals.loss_undivided_without_accumulation(trainer)
         dispatch.skip_hooks_that_do_nothing(trainer)
         dispatch.compare_trainer_states_by_identity()
         # LitClassifier with the speed-ups of lightning/internals.py (on one GPU at 32-true: the CUDA-graph step)

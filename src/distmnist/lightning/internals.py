@@ -11,6 +11,8 @@ that is missing, and ``tests/test_lightning_internals.py`` fails when an upgrade
   step raw DDP and Fabric replay from a CUDA graph run inside ``training_step``.
 * :class:`NoProfiler` -- Lightning's default PassThroughProfiler without its per-hook generator (~70 a step).
 * :func:`check_step_signature_once` -- the training loop's per-step ``inspect`` of ``training_step``, done once.
+* :func:`loss_undivided_without_accumulation` -- the closure's ``loss / 1`` (a kernel and an autograd node a step)
+  and its copy of the loss for logging, left out.
 * :func:`leave_sigterm_to_distmnist` -- Lightning's own SIGTERM handler, which would end a run with exit 0 and no
   checkpoint; and its per-step SIGTERM broadcast (a collective and a host sync), which then has nothing to share.
 * :class:`RunLogger` -- a TensorBoardLogger that leaves no event file when a run is refused before it starts.
@@ -28,6 +30,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loops.optimization.automatic import ClosureResult
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -162,6 +165,31 @@ def check_step_signature_once(trainer) -> None:
         return kwargs
 
     loop._build_kwargs = build_kwargs
+
+
+class UndividedLoss(ClosureResult):
+    """Lightning 2.6's result of ``training_step`` in automatic optimization, without two kernels a step: the loss
+    divided by ``accumulate_grad_batches`` even when that is 1 (``x / 1 == x`` exactly, but it is a division and an
+    autograd node for the backward), and the loss copied for logging (a detached view: nothing writes into the loss
+    in place -- the precision plugins scale it into a new tensor)."""
+
+    @classmethod
+    def from_training_step_output(cls, training_step_output, normalize: int = 1) -> ClosureResult:
+        if normalize != 1 or not isinstance(training_step_output, torch.Tensor):
+            return super().from_training_step_output(training_step_output, normalize)
+        return cls(training_step_output)
+
+    def _clone_loss(self) -> None:
+        if self.closure_loss is not None:
+            self.loss = self.closure_loss.detach()
+
+
+def loss_undivided_without_accumulation(trainer) -> None:
+    """The trainer's automatic optimization builds :class:`UndividedLoss` results (``output_result_cls``, an
+    attribute of ``_AutomaticOptimization``); a Lightning that builds something else is left alone."""
+    loop = getattr(trainer.fit_loop.epoch_loop, "automatic_optimization", None)
+    if getattr(loop, "output_result_cls", None) is ClosureResult:
+        loop.output_result_cls = UndividedLoss
 
 
 def leave_sigterm_to_distmnist(trainer) -> None:

@@ -51,13 +51,25 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+class NeuralNetwork(nn.Module):
+    """The PyTorch quickstart's model, as distmnist's NNModel is (the same modules, names and calls)."""
+
+    def __init__(self, hidden: list[int]) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        layers, width = [], 28 * 28
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.linear_relu_stack = nn.Sequential(*layers, nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_relu_stack(self.flatten(x))
+
+
 def build_model(hidden: list[int], seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    layers, width = [nn.Flatten()], 28 * 28
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, 10))
+    return NeuralNetwork(hidden)
 
 
 def main() -> None:
